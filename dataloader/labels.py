@@ -1,0 +1,134 @@
+"""Parse a GCNet label file into conversations, labels, speakers and splits, checking its shape.
+
+From: SPEC §2. CMU files are 7-tuples (ids, labels, speakers, sentences, train, val, test);
+IEMOCAP files are 6-tuples (ids, labels, speakers, sentences, train, test), evaluated with five
+leave-one-session-out folds (session = 5th character of the dialogue id), as the official code does.
+Split members come as Python sets; they are sorted here so that no run depends on hash order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dataloader.datasets import DatasetSpec
+from dataloader.errors import DataError
+from dataloader.safe_pickle import load_label_pickle
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Conversation indices (into `LabelSet.conversation_ids`) of one train/val/test split."""
+
+    name: str
+    train: tuple[int, ...]
+    val: tuple[int, ...]  # empty where the dataset has no validation split
+    test: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    conversation_ids: tuple[str, ...]  # sorted
+    utterance_ids: tuple[tuple[str, ...], ...]  # per conversation, in spoken order
+    labels: tuple[np.ndarray, ...]  # per conversation: float32 (regression) or int64 (classes)
+    speakers: tuple[tuple[str, ...], ...]
+    folds: tuple[Fold, ...]
+
+    @property
+    def num_utterances(self) -> int:
+        return sum(len(ids) for ids in self.utterance_ids)
+
+
+def read_label_file(path: str | Path, spec: DatasetSpec) -> LabelSet:
+    """Load and validate the label file of `spec` at `path` (see the module docstring)."""
+    path = Path(path)
+    content = load_label_pickle(path)
+    expected = 7 if spec.has_validation else 6
+    if not isinstance(content, (list, tuple)) or len(content) != expected:
+        got = f"a {type(content).__name__} of length {len(content)}" if hasattr(content, "__len__") \
+            else f"a {type(content).__name__}"
+        raise DataError(
+            f"{path}: expected a {expected}-tuple (ids, labels, speakers, sentences, "
+            f"{'train, val, test' if spec.has_validation else 'train, test'}) for {spec.name} "
+            f"but found {got}; check that the file belongs to {spec.name}."
+        )
+    video_ids, video_labels, video_speakers = content[0], content[1], content[2]
+    split_sets = content[4:]
+    for name, value in (("ids", video_ids), ("labels", video_labels), ("speakers", video_speakers)):
+        if not isinstance(value, dict):
+            raise DataError(f"{path}: the {name} entry should be a dict keyed by conversation id, "
+                            f"found {type(value).__name__}; replace the file with a GCNet label file.")
+    conversation_ids = tuple(sorted(video_ids))
+    utterances, labels, speakers = [], [], []
+    for vid in conversation_ids:
+        ids = tuple(str(u) for u in video_ids[vid])
+        if vid not in video_labels or vid not in video_speakers:
+            raise DataError(f"{path}: conversation {vid!r} has utterance ids but no labels or "
+                            f"speakers; the file is incomplete, replace it.")
+        values = np.asarray(video_labels[vid])
+        spk = tuple(str(s) for s in video_speakers[vid])
+        if len(ids) == 0 or values.shape != (len(ids),) or len(spk) != len(ids):
+            raise DataError(
+                f"{path}: conversation {vid!r} has {len(ids)} utterance ids, {values.size} labels "
+                f"and {len(spk)} speakers; they must be equal and non-zero, replace the file.")
+        utterances.append(ids)
+        labels.append(values)
+        speakers.append(spk)
+    labels = _checked_labels(labels, spec, path, conversation_ids)
+    index = {vid: i for i, vid in enumerate(conversation_ids)}
+    splits = []
+    for name, members in zip(("train", "val", "test") if spec.has_validation else ("train", "test"),
+                             split_sets):
+        unknown = sorted(set(members) - set(index))
+        if unknown:
+            raise DataError(f"{path}: the {name} split names conversations without ids, e.g. "
+                            f"{unknown[0]!r}; the file is inconsistent, replace it.")
+        splits.append(tuple(sorted(index[vid] for vid in members)))
+    return LabelSet(conversation_ids, tuple(utterances), tuple(labels), tuple(speakers),
+                    _folds(spec, conversation_ids, splits, path))
+
+
+def _checked_labels(per_conversation: list[np.ndarray], spec: DatasetSpec, path: Path,
+                    conversation_ids: tuple[str, ...]) -> list[np.ndarray]:
+    """Check all labels at once; name the first conversation with a bad one."""
+    try:
+        flat = np.concatenate(per_conversation)
+        numeric = flat.astype(np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: labels must be numbers; the file is not a GCNet label file.") \
+            from None
+    if spec.is_regression:
+        bad = ~np.isfinite(numeric) | (np.abs(numeric) > 3.0)
+        rule = "finite sentiment scores in [-3, 3]; the file is not a CMU label file"
+        dtype = np.float32
+    else:
+        bad = (numeric != np.round(numeric)) | (numeric < 0) | (numeric >= spec.num_classes)
+        rule = (f"class indices 0..{spec.num_classes - 1} for {spec.name}; check that the file "
+                f"matches the dataset")
+        dtype = np.int64
+    if bad.any():
+        owner = np.searchsorted(np.cumsum([len(v) for v in per_conversation]), np.argmax(bad),
+                                side="right")
+        raise DataError(f"{path}: labels of {conversation_ids[owner]!r} must be {rule}.")
+    bounds = np.cumsum([len(v) for v in per_conversation])[:-1]
+    return np.split(numeric.astype(dtype), bounds)
+
+
+def _folds(spec: DatasetSpec, conversation_ids: tuple[str, ...], splits: list[tuple[int, ...]],
+           path: Path) -> tuple[Fold, ...]:
+    if spec.num_folds == 1:
+        train, val, test = splits
+        return (Fold("official split", train, val, test),)
+    sessions: dict[str, list[int]] = {}
+    for i, vid in enumerate(conversation_ids):
+        sessions.setdefault(vid[4:5], []).append(i)
+    if len(sessions) != spec.num_folds:
+        raise DataError(f"{path}: found sessions {sorted(sessions)} in the dialogue ids (5th "
+                        f"character) but {spec.name} needs {spec.num_folds}; replace the file.")
+    folds = []
+    for session in sorted(sessions):
+        test = tuple(sessions[session])
+        train = tuple(i for s in sorted(sessions) if s != session for i in sessions[s])
+        folds.append(Fold(f"session {session}", train, (), test))
+    return tuple(folds)

@@ -1,0 +1,28 @@
+"""Shared fixtures: small synthetic datasets written once per test session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dataloader.synthetic import generate
+
+SHARED_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "labels"
+TINY_DIMS = (12, 16, 16)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CMU-MOSI and IEMOCAP (both label sets) at 6 % of the real size with tiny feature dims."""
+    root = tmp_path_factory.mktemp("tiny")
+    generate("CMUMOSI", root, seed=1, scale=0.06, dims=TINY_DIMS)
+    generate("IEMOCAPSix", root, seed=1, scale=0.06, dims=TINY_DIMS)
+    return root
+
+
+def requires_shared_labels(name: str) -> Path:
+    """The real label file `name`, or skip the test when ../shared is absent."""
+    path = SHARED_LABELS / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (real label files live outside the project)")
+    return path
