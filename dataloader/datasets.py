@@ -53,6 +53,8 @@ DATASETS: dict[str, DatasetSpec] = {
         metrics=_CMU_METRICS, selection_metric="f1",
         sizes=SplitSizes(93, 2199, 63, (52, 10, 31)),
     ),
+    # CMU-MOSEI: totals from SPEC §2; its split and longest video are planning figures for the
+    # synthetic set (no MOSEI label file was available to count them).
     "CMUMOSEI": DatasetSpec(
         name="CMUMOSEI", folder="CMUMOSEI", label_file="CMUMOSEI_features_raw_2way.pkl",
         task="regression", num_classes=1, num_folds=1, has_validation=True,

@@ -44,6 +44,7 @@ class MultimodalDataset:
     labels: np.ndarray  # (N,) float32 (regression) or int64 (classes)
     features: dict[str, np.ndarray]  # modality -> (N, dim) float32
     folds: tuple[Fold, ...]
+    fingerprint: str = ""  # digest of the label file and every feature file (name, size, mtime)
     empty_faces: dict[str, int] = field(default_factory=dict)  # modality -> zero-filled rows
 
     @property
@@ -122,7 +123,7 @@ def load_dataset(dataset: str, data_root: str | Path = "features",
         speakers=np.array([s for spk in labels.speakers for s in spk]),
         labels=np.concatenate(labels.labels),
         features={m: arrays[f"features_{m}"] for m in MODALITIES},
-        folds=labels.folds, empty_faces=empty)
+        folds=labels.folds, fingerprint=stamp, empty_faces=empty)
 
 
 def _read_features(spec: DatasetSpec, labels: LabelSet,

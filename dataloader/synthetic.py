@@ -39,9 +39,9 @@ from dataloader.labels import read_label_file
 log = logging.getLogger(__name__)
 
 LATENT_DIM = 16
-SIGNAL = {"t": 1.0, "a": 0.6, "v": 0.42}  # per-modality label strength: text > audio > visual
-SHARED_NOISE = 0.55  # noise in the latent shared by all modalities: caps what fusion can reach
-PRIVATE_NOISE = 0.6  # per-modality latent noise: what fusing modalities averages away
+SIGNAL = {"t": 1.3, "a": 0.8, "v": 0.5}  # per-modality label strength: text > audio > visual
+SHARED_NOISE = 0.45  # noise in the latent shared by all modalities: caps what fusion can reach
+PRIVATE_NOISE = 1.0  # per-modality latent noise: what fusing modalities averages away
 FEATURE_NOISE = 0.5  # isotropic noise in feature space
 STYLE = 0.3  # per-conversation offset (speaker or recording style)
 EMPTY_FACE_RATE = 0.03  # IEMOCAP utterances whose speaker's face was never detected
@@ -124,8 +124,8 @@ def _cmu(rng: np.random.Generator, spec: DatasetSpec, scale: float) -> Conversat
     splits = [{ids[i] for i in order[bounds[k]:bounds[k + 1]]} for k in range(3)]
     labels, utterances = [], []
     for vid, length in zip(ids, lengths):
-        mood = np.clip(rng.normal(0.0, 1.3), -2.5, 2.5)
-        scores = np.clip(mood + rng.normal(0.0, 0.9, size=length), -3, 3)
+        mood = np.clip(rng.normal(0.0, 0.7), -2.5, 2.5)
+        scores = np.clip(mood + rng.normal(0.0, 1.2, size=length), -3, 3)
         labels.append((np.round(scores * 5) / 5).astype(np.float64))  # 0.2 steps, some exact zeros
         utterances.append([f"{vid}_{k + 1}" for k in range(length)])
     return Conversations(ids, utterances, labels, [[""] * len(u) for u in utterances], splits)

@@ -26,3 +26,13 @@ def requires_shared_labels(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is absent (real label files live outside the project)")
     return path
+
+
+def tiny_config(root: Path, output: Path, **overrides):
+    """A resolved TrainConfig for the tiny datasets: small model, few epochs, CPU."""
+    from MoMKE.config import TrainConfig
+    values = dict(dataset="CMUMOSI", data_root=str(root), epochs=4, stage_epochs=2, batch_size=4,
+                  hidden=8, depth=1, num_heads=2, lr=1e-3, drop_rate=0.1, seed=3,
+                  device="cpu", output_dir=str(output))
+    values.update(overrides)
+    return TrainConfig(**values).resolved()

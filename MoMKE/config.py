@@ -1,0 +1,225 @@
+"""Training configuration: dataclass defaults, then a YAML file, then command-line flags.
+
+From: STYLE §3, SPEC §7. Every field is a `--kebab-case` flag with help text and may also be a key
+of `--config FILE.yaml` (kebab- or snake-case); flags override the file. Unknown keys and wrong types
+stop with a sentence naming the key. Fields left unset that the paper fixes per dataset (batch size,
+epochs, stage-1 epochs) take the paper's value for the chosen dataset, and the resolved value is
+printed and saved, so nothing is overridden silently.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from dataloader.datasets import DATASETS, DEFAULT_FEATURES, get_spec
+from MoMKE.masks import parse_condition, parse_rate
+
+# The paper's scripts, per dataset: (batch size, epochs, of which stage 1) — SPEC §7.
+PAPER_SCHEDULE = {"CMUMOSI": (32, 300, 150), "CMUMOSEI": (32, 100, 50),
+                  "IEMOCAPFour": (16, 200, 100), "IEMOCAPSix": (16, 200, 100)}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the flag or key."""
+
+
+def _option(help: str, **argparse_options: Any) -> Any:
+    return field(default=argparse_options.pop("default", None),
+                 metadata={"help": help, **argparse_options})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str | None = _option("dataset to train on", choices=list(DATASETS))
+    data_root: str = _option("folder holding <DIR>/ in the GCNet layout", default="features")
+    audio_feature: str = _option("audio feature folder name", default=DEFAULT_FEATURES["a"])
+    text_feature: str = _option("text feature folder name", default=DEFAULT_FEATURES["t"])
+    video_feature: str = _option("visual feature folder name", default=DEFAULT_FEATURES["v"])
+    # missing-modality protocol
+    test_condition: list[str] | None = _option(
+        "fixed protocol: comma list of conditions among a,t,v,at,av,tv,atv; one model each "
+        "(default atv when no --missing-rate is given)")
+    missing_rate: list[float] | None = _option(
+        "random protocol: comma list of missing rates in [0, 0.7]; one model each")
+    # schedule and optimiser
+    epochs: int | None = _option("total epochs, stage 1 included (default: the paper's for the "
+                                 "dataset: MOSI 300, MOSEI 100, IEMOCAP 200)")
+    stage_epochs: int | None = _option("epochs of stage 1, unimodal expert training; 0 skips it "
+                                       "(default: the paper's, half of the paper's epochs, or "
+                                       "half of --epochs when that is given)")
+    batch_size: int | None = _option("conversations per batch (default: the paper's: CMU 32, "
+                                     "IEMOCAP 16)")
+    lr: float = _option("Adam learning rate, both stages", default=1e-4)
+    l2: float = _option("Adam weight decay, both stages", default=1e-5)
+    expert_handover: str = _option(
+        "stage-1 weights stage 2 starts from: best (each modality's best stage-1 epoch, the "
+        "paper's intent) or last (what the released code effectively does)",
+        default="best", choices=["best", "last"])
+    # model
+    hidden: int = _option("hidden size D", default=256)
+    depth: int = _option("layers per expert", default=4)
+    num_heads: int = _option("attention heads per expert layer", default=2)
+    mlp_ratio: float = _option("expert MLP width as a multiple of D", default=1.0)
+    drop_rate: float = _option("dropout of projections, MLPs, routers and fusion", default=0.5)
+    attn_drop_rate: float = _option("dropout of attention weights", default=0.0)
+    # run
+    seed: int = _option("random seed (data order, masks, initialisation, dropout)", default=66)
+    folds: list[int] | None = _option("comma list of folds to run, 1-based (default: all; "
+                                      "IEMOCAP has 5 sessions)")
+    device: str = _option("auto, cpu or cuda[:N]; auto takes CUDA when available", default="auto")
+    amp: bool = _option("CUDA only: bfloat16 autocast (off by default; checked against fp32 in "
+                        "tests)", default=False)
+    output_dir: str = _option("where run folders are written", default="saved")
+    save_checkpoint: bool = _option("write the selected checkpoint of every fold", default=True)
+    reuse_stage1: bool = _option("reuse a stage 1 trained with identical settings (cached under "
+                                 "<output-dir>/_stage1)", default=True)
+    force: bool = _option("retrain even when a complete run with this configuration exists",
+                          default=False)
+    config: str | None = _option("YAML file of any of these keys; flags override it")
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the paper's per-dataset values and check every field; raise ConfigError."""
+        if self.dataset is None:
+            raise ConfigError("--dataset is required (or set `dataset:` in --config); use one of "
+                              f"{', '.join(DATASETS)}.")
+        try:
+            get_spec(self.dataset)
+            conditions = [parse_condition(c) for c in self.test_condition or []]
+            rates = [parse_rate(r) for r in self.missing_rate or []]
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if not conditions and not rates:
+            conditions = ["atv"]
+        batch, epochs, stage = PAPER_SCHEDULE[self.dataset]
+        if self.epochs is not None:
+            epochs, stage = self.epochs, self.epochs // 2
+        if self.stage_epochs is not None:
+            stage = self.stage_epochs
+        out = dataclasses.replace(self, test_condition=conditions, missing_rate=rates,
+                                  epochs=epochs, stage_epochs=stage,
+                                  batch_size=self.batch_size or batch)
+        out._check()
+        return out
+
+    def _check(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "hidden": self.hidden,
+                    "depth": self.depth, "num_heads": self.num_heads}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {value} must be at least 1.")
+        if not 0 <= self.stage_epochs < self.epochs:
+            raise ConfigError(f"--stage-epochs {self.stage_epochs} must be in [0, --epochs "
+                              f"{self.epochs}): stage 2 needs at least one epoch.")
+        for name in ("drop_rate", "attn_drop_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1).")
+        if self.hidden % self.num_heads:
+            raise ConfigError(f"--hidden {self.hidden} must be divisible by --num-heads "
+                              f"{self.num_heads}.")
+        if self.lr <= 0 or self.l2 < 0:
+            raise ConfigError("--lr must be positive and --l2 non-negative.")
+        if self.folds is not None:
+            count = get_spec(self.dataset).num_folds
+            if not self.folds or any(not 1 <= k <= count for k in self.folds):
+                raise ConfigError(f"--folds {self.folds} must list fold numbers in 1..{count} for "
+                                  f"{self.dataset}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _split(text: Any) -> list[str]:
+    if isinstance(text, (list, tuple)):
+        return [str(t) for t in text]
+    return [t for t in str(text).replace(" ", "").split(",") if t]
+
+
+_LIST_PARSERS = {"test_condition": str, "missing_rate": float, "folds": int}
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    """Coerce `value` to the type of field `name`, or raise ConfigError naming `source`."""
+    default = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    kind = default.type
+    try:
+        if value is None:
+            return None
+        if name in _LIST_PARSERS:
+            return [_LIST_PARSERS[name](v) for v in _split(value)]
+        if "bool" in kind:
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if "int" in kind:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if "float" in kind:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {name.replace('_', '-')} = {value!r} is not a valid "
+                          f"{kind.split(' |')[0]}.") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m MoMKE.train", allow_abbrev=False,
+        description="Train and evaluate MoMKE (two stages) under the fixed or random "
+                    "missing-modality protocol; one run folder per condition or rate.")
+    for spec in dataclasses.fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        meta = dict(spec.metadata)
+        help_text = meta.pop("help")
+        if "bool" in spec.type:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text} (default: {'on' if spec.default else 'off'})")
+            continue
+        if spec.default is not None:
+            help_text += f" (default: {spec.default})"
+        parser.add_argument(flag, default=None, help=help_text, **meta)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Defaults, then the --config file, then the flags given; resolved and checked."""
+    args = vars(build_parser().parse_args(argv))
+    values = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    if args.get("config"):
+        values.update(_read_yaml(Path(args["config"])))
+    for name, value in args.items():
+        if value is not None:
+            values[name] = _convert(name, value, "--" + name.replace("_", "-"))
+    return TrainConfig(**values).resolved()
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"--config {path}: cannot be read ({error}).") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"--config {path}: must be a mapping of option names to values.")
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"config"}
+    values = {}
+    for key, value in content.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown key {key!r}; keys are the flag names of "
+                              f"`python -m MoMKE.train --help`.")
+        values[name] = _convert(name, value, f"--config {path}")
+    return values
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

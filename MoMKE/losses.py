@@ -1,0 +1,18 @@
+"""Task losses over packed predictions: every row counts (padding and missing tokens are absent).
+
+From: SPEC §4.6. Mean squared error for CMU-MOSI/MOSEI, cross-entropy for IEMOCAP; both are the
+masked means of the reference code, because the packed rows are exactly its unmasked positions.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def task_loss(predictions: Tensor, targets: Tensor, *, regression: bool) -> Tensor:
+    """Mean loss of `predictions` (N, C) against `targets` (N,); zero (with a graph) when N = 0."""
+    if predictions.shape[0] == 0:
+        return predictions.sum() * 0.0  # no token of this kind in the batch: contributes nothing
+    if regression:
+        return F.mse_loss(predictions.squeeze(-1), targets)
+    return F.cross_entropy(predictions, targets)

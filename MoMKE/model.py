@@ -1,0 +1,314 @@
+"""MoMKE: projections, modality experts, soft routers and the fusion head, in one readable file.
+
+Paper: Leveraging Knowledge of Modality Experts for Incomplete Multimodal Learning (ACM MM 2024).
+From: SPEC §4. Stage 1 trains expert m on modality m alone; stage 2 passes every modality through
+all experts and mixes their outputs with a per-modality soft router.
+
+Notation
+    B  conversations in a batch          L  utterances per conversation (padded to the longest)
+    D  hidden size                       M  modalities (a, t, v)      E  experts (one per modality)
+    H  attention heads                   C  outputs (classes, or 1 for regression)
+    N  tokens: the observed, unpadded utterances of one modality in a batch, packed
+
+How it runs. Linear layers touch only real tokens: inputs are packed per modality (no compute on
+padding or on missing modalities, whose representations the SPEC zeroes anyway) and the E experts of
+a layer run as one batched matmul over stacked weights. Only attention, which needs the conversation
+structure, scatters tokens into a padded (conversation, utterance) grid and gathers them back.
+`MoMKE/reference.py` computes the same function the literal, padded way; tests hold the two equal.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dataloader.batch import TokenLayout
+from dataloader.datasets import MODALITIES
+from MoMKE.dropout import Dropout
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    input_dims: tuple[int, int, int]  # audio, text, visual feature sizes
+    num_outputs: int  # classes, or 1 for regression
+    hidden: int = 256
+    depth: int = 4
+    num_heads: int = 2
+    mlp_ratio: float = 1.0
+    drop_rate: float = 0.5
+    attn_drop_rate: float = 0.0
+    router: str = "soft"  # "soft" (the paper) or "uniform" (ablation: equal weights, nothing learnt)
+    experts: str = "all"  # "all" (the paper) or "self" (ablation: modality m uses expert m only)
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.num_heads:
+            raise ValueError(f"--hidden {self.hidden} must be divisible by --num-heads "
+                             f"{self.num_heads}; change one of them.")
+        if self.router not in ("soft", "uniform") or self.experts not in ("all", "self"):
+            raise ValueError(f"router {self.router!r} / experts {self.experts!r}: use soft|uniform "
+                             f"and all|self.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class MoMKEOutput:
+    """Packed predictions. Stage 1: `unimodal[m]` (N_m, C) at `layout.observed[m]`.
+    Stage 2: `fused` (N, C) at `layout.valid` and `router_weights[m]` (N_m, E)."""
+
+    unimodal: dict[str, Tensor]
+    fused: Tensor | None
+    router_weights: dict[str, Tensor]
+
+
+def _rows_of(features: Tensor | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    if callable(features) and not isinstance(features, Tensor):
+        return features
+    return lambda index: features.reshape(-1, features.shape[-1]).index_select(0, index)
+
+
+def _linear_init(weight: Tensor, bias: Tensor, fan_in: int) -> None:
+    bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation
+    nn.init.uniform_(weight, -bound, bound)
+    nn.init.uniform_(bias, -bound, bound)
+
+
+class ExpertLayer(nn.Module):
+    """Layer l of all E experts: multi-head self-attention over a conversation's utterances (no
+    output projection), then z + MLP(z). Weights are stacked (E, in, out) so the experts of a layer
+    run as one batched matmul; q, k and v are fused into one (D, 3D) weight per expert."""
+
+    def __init__(self, *, experts: int, hidden: int, num_heads: int, mlp_ratio: float,
+                 drop_rate: float, attn_drop_rate: float) -> None:
+        super().__init__()
+        inner = int(hidden * mlp_ratio)
+        self.num_heads = num_heads
+        self.qkv_weight = nn.Parameter(torch.empty(experts, hidden, 3 * hidden))
+        self.qkv_bias = nn.Parameter(torch.empty(experts, 1, 3 * hidden))
+        self.fc1_weight = nn.Parameter(torch.empty(experts, hidden, inner))
+        self.fc1_bias = nn.Parameter(torch.empty(experts, 1, inner))
+        self.fc2_weight = nn.Parameter(torch.empty(experts, inner, hidden))
+        self.fc2_bias = nn.Parameter(torch.empty(experts, 1, hidden))
+        for weight, bias, fan_in in ((self.qkv_weight, self.qkv_bias, hidden),
+                                     (self.fc1_weight, self.fc1_bias, hidden),
+                                     (self.fc2_weight, self.fc2_bias, inner)):
+            _linear_init(weight, bias, fan_in)
+        self.attn_drop = Dropout(attn_drop_rate)
+        self.drop = Dropout(drop_rate)
+
+    def forward(self, x: Tensor, grid: StreamGrid) -> Tensor:
+        experts, tokens, hidden = x.shape  # (E', T, D)
+        heads, head_dim = self.num_heads, hidden // self.num_heads
+        params = [self.qkv_weight, self.qkv_bias, self.fc1_weight, self.fc1_bias,
+                  self.fc2_weight, self.fc2_bias]
+        if grid.experts is not None:  # a subset of the experts runs (stage 1 under masks, ablations)
+            params = [p.index_select(0, grid.experts) for p in params]
+        qkv_w, qkv_b, fc1_w, fc1_b, fc2_w, fc2_b = params
+
+        qkv = torch.baddbmm(qkv_b, x, qkv_w)  # (E', T, 3D)
+        packed = qkv.new_zeros(experts * grid.slots, 3 * hidden)
+        packed.index_copy_(0, grid.index, qkv.view(-1, 3 * hidden))  # (E' * slots, 3D)
+        q, k, v = packed.view(-1, grid.length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        logits = torch.matmul(q, k.transpose(-2, -1)).mul_(head_dim ** -0.5)  # (S, H, L, L)
+        logits.masked_fill_(~grid.attend, torch.finfo(logits.dtype).min)
+        attention = self.attn_drop(logits.softmax(dim=-1))
+        # Every gathered query is itself a valid key, so none of them has an empty row; rows of
+        # unused slots are finite and never gathered. (reference.py zeroes empty rows explicitly.)
+        z = (attention @ v).transpose(1, 2).reshape(-1, hidden)  # (E' * slots, D)
+        z = z.index_select(0, grid.index).view(experts, tokens, hidden)  # (E', T, D)
+        h = self.drop(F.gelu(torch.baddbmm(fc1_b, z, fc1_w)))
+        return self.drop(torch.baddbmm(fc2_b, h, fc2_w)).add_(z)  # z + MLP(z)
+
+
+@dataclass
+class StreamGrid:
+    """Where packed tokens (E', T) go in each expert's attention grid, and who may attend whom.
+
+    Expert e's grid holds `slots` = (G * R + spare) * L positions: for each of its G modality
+    groups the R packed rows of the batch (`TokenLayout.slots`), plus one spare row for filler
+    tokens when the experts' token counts differ (stage 1 under random masks).
+    """
+
+    slots: int
+    length: int
+    index: Tensor  # (E' * T,) grid position of every token, offset by expert
+    attend: Tensor  # (S, 1, L, L) bool, S = E' * slots / L: query i may attend to key j
+    experts: Tensor | None  # which of the E experts run, or None for all of them in order
+
+
+class Experts(nn.Module):
+    """E modality experts of `depth` layers each: x <- x + layer(x), no LayerNorm (SPEC §4.2)."""
+
+    def __init__(self, *, experts: int, depth: int, **layer_options: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ExpertLayer(experts=experts, **layer_options)
+                                    for _ in range(depth))
+
+    def forward(self, x: Tensor, grid: StreamGrid) -> Tensor:
+        for layer in self.layers:
+            x = x + layer(x, grid)
+        return x
+
+
+class SoftRouter(nn.Module):
+    """Per-utterance weights over the E experts: Linear, GELU, Dropout, Linear, Dropout, softmax."""
+
+    def __init__(self, hidden: int, experts: int, drop_rate: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.fc2 = nn.Linear(hidden, experts)
+        self.drop = Dropout(drop_rate)
+
+    def forward(self, h: Tensor) -> Tensor:
+        logits = self.drop(self.fc2(self.drop(F.gelu(self.fc1(h)))))
+        return logits.softmax(dim=-1)  # (N, E)
+
+
+class MoMKE(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        D, C, E = config.hidden, config.num_outputs, len(MODALITIES)
+        self.projections = nn.ModuleDict({m: nn.Linear(d, D)
+                                          for m, d in zip(MODALITIES, config.input_dims)})
+        self.input_drop = Dropout(config.drop_rate)
+        self.experts = Experts(experts=E, depth=config.depth, hidden=D, num_heads=config.num_heads,
+                               mlp_ratio=config.mlp_ratio, drop_rate=config.drop_rate,
+                               attn_drop_rate=config.attn_drop_rate)
+        self.unimodal_heads = nn.ModuleDict({m: nn.Linear(D, C) for m in MODALITIES})
+        self.routers = nn.ModuleDict({m: SoftRouter(D, E, config.drop_rate) for m in MODALITIES})
+        self.fusion = nn.Linear(E * D, E * D)
+        self.fusion_drop = Dropout(config.drop_rate)
+        self.head = nn.Linear(E * D, C)
+
+    def forward(self, features: Mapping[str, Tensor | Callable[[Tensor], Tensor]],
+                layout: TokenLayout, stage: int) -> MoMKEOutput:
+        """`features[m]`: a padded (B, L, d_m) tensor, or a function from flat positions (N,) to
+        their rows (N, d_m) (how `Batch.packed_features` avoids building padded inputs);
+        `layout` from `TokenLayout.from_masks`; `stage` 1 or 2."""
+        features = {m: _rows_of(x) for m, x in features.items()}
+        D = self.config.hidden
+        active = [m for m in MODALITIES if layout.count(m) > 0]
+        projected = {m: self.input_drop(self.projections[m](features[m](layout.observed[m])))
+                     for m in active}  # m -> (N_m, D)
+        if stage == 1 or self.config.experts == "self":
+            routes = {m: [m] for m in active}  # expert m sees modality m only
+        else:
+            routes = {e: active for e in MODALITIES}
+        outputs = self._run_experts(projected, routes, layout)  # (expert, modality) -> (N_m, D)
+        if stage == 1:
+            return MoMKEOutput({m: self.unimodal_heads[m](outputs[m, m]) for m in active}, None, {})
+
+        mixed, weights = {}, {}
+        for m in active:
+            if self.config.experts == "self":
+                weights[m] = F.one_hot(torch.tensor(MODALITIES.index(m), device=projected[m].device),
+                                       len(MODALITIES)).to(projected[m].dtype).expand(
+                                           projected[m].shape[0], -1)
+                mixed[m] = outputs[m, m]
+                continue
+            if self.config.router == "uniform":
+                weights[m] = projected[m].new_full((projected[m].shape[0], len(MODALITIES)),
+                                                   1.0 / len(MODALITIES))
+            else:
+                weights[m] = self.routers[m](projected[m])  # (N_m, E)
+            stacked = torch.stack([outputs[e, m] for e in MODALITIES], dim=1)  # (N_m, E, D)
+            mixed[m] = (weights[m].unsqueeze(-1) * stacked).sum(dim=1)  # (N_m, D)
+        zeros = next(iter(mixed.values())).new_zeros(layout.valid.shape[0], D)
+        blocks = [zeros.index_copy(0, layout.valid_position[m], mixed[m]) if m in mixed else zeros
+                  for m in MODALITIES]  # z = [z_a, z_t, z_v], zero where a modality is missing
+        fused = torch.cat(blocks, dim=1)  # (N, M * D)
+        # Blocks of modalities missing from the whole batch are zero: skip their weight columns.
+        columns = torch.cat([torch.arange(i * D, (i + 1) * D) for i, m in enumerate(MODALITIES)
+                             if m in mixed]).to(fused.device) if len(mixed) < len(MODALITIES) else None
+        if columns is None:
+            update = self.fusion(fused)
+        else:
+            update = F.linear(torch.cat([blocks[MODALITIES.index(m)] for m in MODALITIES
+                                         if m in mixed], dim=1),
+                              self.fusion.weight.index_select(1, columns), self.fusion.bias)
+        hidden = fused + self.fusion_drop(F.relu(update))
+        return MoMKEOutput({}, self.head(hidden), weights)
+
+    def _run_experts(self, projected: dict[str, Tensor], routes: dict[str, list[str]],
+                     layout: TokenLayout) -> dict[tuple[str, str], Tensor]:
+        """Run every expert e over the tokens of the modalities `routes[e]`, all experts at once."""
+        experts = list(routes)
+        groups = max(len(mods) for mods in routes.values())
+        grid_rows = layout.rows * layout.length  # slots of one modality group
+        counts = [sum(projected[m].shape[0] for m in routes[e]) for e in experts]
+        tokens = max(counts)
+        spare = int(min(counts) < tokens)
+        slots = (groups * layout.rows + spare) * layout.length
+        device = layout.valid.device
+        inputs, index, key_valid = [], [], torch.zeros(len(experts) * slots, dtype=torch.bool,
+                                                       device=device)
+        for k, e in enumerate(experts):
+            position = torch.cat([g * grid_rows + layout.slots[m]
+                                  for g, m in enumerate(routes[e])]) + k * slots
+            key_valid[position] = True
+            x = torch.cat([projected[m] for m in routes[e]]) if len(routes[e]) > 1 \
+                else projected[routes[e][0]]
+            filler = tokens - counts[k]
+            if filler:  # park filler tokens in the spare row; nothing attends to them
+                x = torch.cat([x, x.new_zeros(filler, x.shape[1])])
+                spare_slots = torch.arange(filler, device=device) % layout.length
+                position = torch.cat([position, spare_slots + (k + 1) * slots - layout.length])
+            inputs.append(x)
+            index.append(position)
+        same = layout.same_conversation.repeat(groups, 1, 1)  # (G * R, L, L)
+        if spare:
+            same = torch.cat([same, same.new_zeros(1, layout.length, layout.length)])
+        attend = key_valid.view(len(experts), -1, 1, layout.length) & same  # (E', G*R+spare, L, L)
+        selected = None if experts == list(MODALITIES) else torch.tensor(
+            [MODALITIES.index(e) for e in experts], device=device)
+        grid = StreamGrid(slots, layout.length, torch.cat(index),
+                          attend.view(-1, 1, layout.length, layout.length), selected)
+        if all(routes[e] == routes[experts[0]] for e in experts):
+            stacked = inputs[0].expand(len(experts), -1, -1)  # the same tokens for every expert
+        else:
+            stacked = torch.stack(inputs)
+        out = self.experts(stacked, grid)  # (E', T, D)
+        results = {}
+        for k, e in enumerate(experts):
+            start = 0
+            for m in routes[e]:
+                n = projected[m].shape[0]
+                results[e, m] = out[k, start:start + n]
+                start += n
+        return results
+
+    # ------------------------------------------------------------------ stage-1 -> stage-2 hand-over
+
+    def modality_state(self, m: str) -> dict[str, Tensor]:
+        """A real copy of modality m's projection and expert m (its slice of every stacked weight)."""
+        e = MODALITIES.index(m)
+        state = {f"projections.{m}.{k}": v.detach().clone()
+                 for k, v in self.projections[m].state_dict().items()}
+        for name, value in self.experts.state_dict().items():
+            state[f"experts.{name}"] = value[e].detach().clone()
+        return state
+
+    def load_modality_state(self, m: str, state: Mapping[str, Tensor]) -> None:
+        """Set modality m's projection and expert m to `state` through `load_state_dict`."""
+        e = MODALITIES.index(m)
+        full = {k: v.clone() for k, v in self.state_dict().items()}
+        for name, value in state.items():
+            if name.startswith("experts."):
+                full[name][e] = value
+            else:
+                full[name] = value.clone()
+        self.load_state_dict(full)
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return list(self.experts.parameters())
+
+    def stage1_parameters(self) -> list[nn.Parameter]:
+        """What stage 1 trains: projections, experts and unimodal heads (SPEC §4.3)."""
+        return [*self.projections.parameters(), *self.experts.parameters(),
+                *self.unimodal_heads.parameters()]

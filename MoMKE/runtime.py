@@ -1,0 +1,47 @@
+"""Where a run executes: device choice, optional CUDA autocast, and peak memory.
+
+The CPU path is the reference; CUDA runs the same code. `--amp` (off by default) wraps the forward
+pass in bfloat16 autocast on CUDA only; losses and metrics stay in float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cpu'; 'cuda' or 'cuda:N' (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu or cuda:N.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asks for CUDA, but this torch build sees no GPU; "
+                             f"use --device cpu or auto.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible.")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: use auto, cpu or cuda:N.")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_memory(device: torch.device) -> dict[str, float | str]:
+    """Peak CUDA memory allocated on a GPU, or the process's peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return {"device": str(device), "memory": "peak_cuda_allocated",
+                "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return {"device": "cpu", "memory": "peak_rss", "peak_memory_mb": peak * scale / 2**20}

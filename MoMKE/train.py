@@ -1,0 +1,171 @@
+"""Train and evaluate MoMKE: `python -m MoMKE.train --dataset CMUMOSI --test-condition a,t,atv`.
+
+From: SPEC §4-7. One run folder per (dataset, condition or rate, seed), each run training stage 1
+then stage 2 on every fold. `--help` lists every flag.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from dataloader.batch import BatchBuilder
+from dataloader.errors import DataError
+from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset, read_marker
+from MoMKE.config import ConfigError, TrainConfig, config_to_yaml, parse_config
+from MoMKE.protocols import MissingSetting, settings_from
+from MoMKE.runlog import RunFolder, read_result, run_folder, setup_console_logging
+from MoMKE.runtime import resolve_device
+from MoMKE.selection import RULE_LABELS, fold_summary, mean_over_folds
+from MoMKE.trainer import FoldTrainer, model_config_for
+
+log = logging.getLogger("MoMKE")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_console_logging()
+    try:
+        config = parse_config(argv)
+        device = resolve_device(config.device)
+        data = load_dataset(config.dataset, config.data_root, feature_names_from(
+            config.audio_feature, config.text_feature, config.video_feature))
+        _check_output_dir(config)
+    except (ConfigError, DataError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    log.info("resolved configuration:\n%s", config_to_yaml(config).rstrip())
+    log.info("%s", data.describe())
+    if data.data_source == "synthetic":
+        log.warning("SYNTHETIC DATA (%s): every number below is measured on generated features "
+                    "and is not comparable with the paper", data.root)
+    for setting in settings_from(config.test_condition, config.missing_rate):
+        run(config, data, setting, device)
+    return 0
+
+
+def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
+        device: torch.device) -> dict:
+    """Train every fold of one setting into its run folder; return the result written."""
+    folder = RunFolder(run_folder(config, setting), data.data_source)
+    if not config.force and (done := read_result(folder.path)) is not None:
+        log.info("%s is complete already; skipping it (use --force to retrain)", folder.path)
+        return done
+    header = _data_header(data)
+    folder.open(config, header)
+    try:
+        log.info("run %s %s seed %d -> %s [%s]", config.dataset, setting.name, config.seed,
+                 folder.path, header)
+        result = _train_folds(config, data, setting, device, folder)
+        folder.write_result(result)
+        _log_result(result, data)
+        return result
+    finally:
+        folder.close()
+
+
+def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
+                 device: torch.device, folder: RunFolder) -> dict:
+    builder = BatchBuilder(data, device)
+    folds = [k - 1 for k in config.folds] if config.folds else range(len(data.folds))
+    summaries, seconds, handovers, reused = [], [], [], []
+    started = time.perf_counter()
+    for fold in folds:
+        name = data.folds[fold].name
+        description = f"{data.spec.name} {setting.name} {name} [{data.data_source}]"
+        with tqdm(total=config.epochs, desc=description, unit="epoch", leave=False,
+                  disable=None) as progress:
+            trainer = FoldTrainer(config, data, fold, setting, device, builder)
+            outcome = trainer.run(lambda record: _on_epoch(record, folder, progress, data),
+                                  progress)
+        summary = fold_summary(outcome.records, data.spec.selection_metric)
+        summaries.append({"fold": fold + 1, "name": name, **summary})
+        seconds.append(outcome.seconds)
+        handovers.append(outcome.handover)
+        reused.append(outcome.stage1_reused)
+        if outcome.checkpoint is not None:
+            folder.save_checkpoint(fold + 1, {
+                "model_state": outcome.checkpoint["state"],
+                "model_config": model_config_for(config, data).to_dict(),
+                "epoch": outcome.checkpoint["epoch"], "rule": outcome.checkpoint["rule"],
+                "dataset": data.spec.name, "data_source": data.data_source,
+                "setting": setting.name, "seed": config.seed})
+    return {
+        "dataset": data.spec.name, "protocol": setting.protocol, "condition": setting.condition,
+        "missing_rate": setting.rate, "seed": config.seed, "setting": setting.name,
+        "selection_metric": data.spec.selection_metric, "units": "fraction (0.8123 = 81.23 %)",
+        "rules": RULE_LABELS,
+        "test": mean_over_folds(summaries), "folds": summaries,
+        "handover": handovers, "stage1_reused": reused,
+        "seconds": {"total": time.perf_counter() - started,
+                    "stage1": sum(s["stage1"] for s in seconds),
+                    "stage2": sum(s["stage2"] for s in seconds)},
+        "data": {"root": str(data.root), "features": data.feature_names, "dims": data.dims,
+                 "conversations": len(data.conversation_ids),
+                 "utterances": data.num_utterances, "empty_faces": data.empty_faces,
+                 "synthetic": read_marker(data.root)},
+        "device": str(device), "config": config.to_dict(),
+    }
+
+
+def _on_epoch(record: dict, folder: RunFolder, progress: tqdm, data: MultimodalDataset) -> None:
+    folder.append_epoch(record)
+    line = _epoch_line(record, data)
+    log.info("%s", line)
+    progress.set_postfix_str(line.split("| ", 2)[-1][:60], refresh=False)
+
+
+def _epoch_line(record: dict, data: MultimodalDataset) -> str:
+    metric = data.spec.selection_metric
+    parts = [f"[{data.data_source}] fold {record['fold']} stage {record['stage']} "
+             f"epoch {record['epoch']:3d}"]
+    for split in ("train", "val", "test"):
+        scores = record.get(split)
+        if scores is None:
+            continue
+        if record["stage"] == 1:
+            values = " ".join(f"{m}:{scores[m][metric]:.3f}" for m in "atv" if m in scores)
+            parts.append(f"{split} {metric} {values} loss {scores['loss']:.3f}")
+        else:
+            parts.append(f"{split} {metric} {scores[metric]:.4f} loss {scores['loss']:.3f}")
+    suffix = " (stage 1 reused)" if record.get("reused_stage1") else \
+        f" {record['seconds']:.2f}s {record['peak_memory_mb']:.0f}MB"
+    return " | ".join(parts) + suffix
+
+
+def _log_result(result: dict, data: MultimodalDataset) -> None:
+    metrics = data.spec.metrics
+    scope = "mean over folds, " if len(result["folds"]) > 1 else ""
+    log.info("result %s %s seed %d [%s data, test split, %svalues as fractions]:",
+             result["dataset"], result["setting"], result["seed"], data.data_source, scope)
+    for rule, label in RULE_LABELS.items():
+        scores = result["test"][rule]
+        text = "n/a (no validation split)" if scores is None else "  ".join(
+            f"{k} {scores[k]:.4f}" for k in metrics)
+        log.info("  %-38s %s", label, text)
+
+
+def _data_header(data: MultimodalDataset) -> str:
+    if data.data_source == "synthetic":
+        return f"SYNTHETIC data from {data.root} (generated; not comparable with the paper)"
+    return f"real data from {data.root}"
+
+
+def _check_output_dir(config: TrainConfig) -> None:
+    """Refuse before any training when results could not be written."""
+    target = Path(config.output_dir)
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {target} is not writable (checked {probe}); choose a "
+                          f"folder you can write to.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Train one fold: stage 1 (unimodal experts), the expert hand-over, stage 2 (experts mixing).
+
+From: SPEC §4.3-4.6, §5, §6. One Adam optimiser serves both stages, as in the reference code.
+Every epoch's metrics are kept for train (measured on the training pass itself: dropout on, the
+batch's training masks), val and test; which epoch is reported is decided afterwards
+(`MoMKE/selection.py`), never here.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dataloader.batch import Batch, BatchBuilder
+from dataloader.gcnet import MultimodalDataset
+from MoMKE.config import TrainConfig
+from MoMKE.losses import task_loss
+from MoMKE.metrics import task_metrics
+from MoMKE.model import MODALITIES, ModelConfig, MoMKE
+from MoMKE.protocols import MissingSetting
+from MoMKE.runtime import autocast, peak_memory
+from MoMKE import stage1_cache
+
+log = logging.getLogger("MoMKE")
+
+# The stage-1 metric that picks each expert's best epoch: the official code's unimodal accuracy.
+HANDOVER_METRIC = {"regression": "acc2", "classification": "wa"}
+
+
+@dataclass
+class FoldOutcome:
+    records: list[dict]  # one per epoch, stage 1 then stage 2
+    handover: dict | None  # {"rule", "epochs": {m: epoch}, "split"} or None without stage 1
+    checkpoint: dict | None  # {"state", "epoch", "rule"}
+    seconds: dict[str, float] = field(default_factory=dict)
+    stage1_reused: bool = False
+
+
+def model_config_for(config: TrainConfig, data: MultimodalDataset) -> ModelConfig:
+    return ModelConfig(input_dims=tuple(data.dims[m] for m in MODALITIES),
+                       num_outputs=data.spec.num_classes, hidden=config.hidden, depth=config.depth,
+                       num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
+                       drop_rate=config.drop_rate, attn_drop_rate=config.attn_drop_rate)
+
+
+class FoldTrainer:
+    def __init__(self, config: TrainConfig, data: MultimodalDataset, fold: int,
+                 setting: MissingSetting, device: torch.device, builder: BatchBuilder) -> None:
+        self.config, self.data, self.fold, self.setting = config, data, fold, setting
+        self.device, self.builder = device, builder
+        self.regression = data.spec.is_regression
+        self.splits = {"train": list(data.folds[fold].train), "val": list(data.folds[fold].val),
+                       "test": list(data.folds[fold].test)}
+        self._eval_batches: dict[tuple[str, int], list[Batch]] = {}
+        fold_seed = config.seed + 1000 * fold
+        torch.manual_seed(fold_seed)  # initialisation and dropout
+        self.generator = torch.Generator().manual_seed(fold_seed + 1)  # data order, train masks
+        self.model = MoMKE(model_config_for(config, data)).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
+                                          weight_decay=config.l2)
+
+    # ------------------------------------------------------------------ the two stages
+
+    def run(self, on_epoch: Callable[[dict], None], progress: tqdm | None = None) -> FoldOutcome:
+        """Stage 1 (or its cached result), the hand-over, then stage 2."""
+        started = time.perf_counter()
+        records, handover, reused = self.stage1(on_epoch, progress)
+        stage1_seconds = time.perf_counter() - started
+        records, checkpoint = self.stage2(records, on_epoch, progress)
+        total = time.perf_counter() - started
+        return FoldOutcome(records, handover, checkpoint,
+                           {"stage1": stage1_seconds, "stage2": total - stage1_seconds}, reused)
+
+    def stage1(self, on_epoch: Callable[[dict], None],
+               progress: tqdm | None = None) -> tuple[list[dict], dict | None, bool]:
+        """Unimodal expert training and the hand-over; returns (records, hand-over, reused)."""
+        config = self.config
+        if not config.stage_epochs:
+            return [], None, False
+        key = stage1_cache.key_for(config, self.data, self.fold, self.setting, self.device)
+        cached = stage1_cache.load(config, key) if config.reuse_stage1 else None
+        if cached is not None:
+            self._restore(cached)
+            for record in cached["records"]:
+                on_epoch({**record, "reused_stage1": True})
+            if progress is not None:
+                progress.update(config.stage_epochs)
+            log.info("stage 1 reused from %s (trained before with identical settings)",
+                     stage1_cache.path_for(config, key))
+            return cached["records"], cached["handover"], True
+        records = [self._epoch(1, epoch, on_epoch, progress)
+                   for epoch in range(1, config.stage_epochs + 1)]
+        handover = self._hand_over(records)
+        if config.reuse_stage1:
+            stage1_cache.save(config, key, self._snapshot(records, handover))
+        return records, handover, False
+
+    def stage2(self, records: list[dict], on_epoch: Callable[[dict], None],
+               progress: tqdm | None = None) -> tuple[list[dict], dict | None]:
+        """Experts mixing training; returns all records and the selected checkpoint."""
+        config = self.config
+        records = list(records)
+        best_val, checkpoint = -np.inf, None
+        selection = self.data.spec.selection_metric
+        for epoch in range(config.stage_epochs + 1, config.epochs + 1):
+            record = self._epoch(2, epoch, on_epoch, progress)
+            records.append(record)
+            if config.save_checkpoint and self.splits["val"] \
+                    and record["val"][selection] > best_val:
+                best_val = record["val"][selection]
+                checkpoint = {"state": self._copy_weights(checkpoint), "epoch": epoch,
+                              "rule": "best_val"}
+        if config.save_checkpoint and not self.splits["val"]:
+            checkpoint = {"state": self._copy_weights(None), "epoch": config.epochs,
+                          "rule": "last"}
+        return records, checkpoint
+
+    def _copy_weights(self, previous: dict | None) -> dict[str, torch.Tensor]:
+        """A real copy of the model's weights, reusing the buffers of the previous copy."""
+        if previous is None:
+            return copy.deepcopy(self.model.state_dict())
+        for name, value in self.model.state_dict().items():
+            previous["state"][name].copy_(value)
+        return previous["state"]
+
+    def _hand_over(self, records: list[dict]) -> dict:
+        """Give each modality's projection and expert the weights of its best stage-1 epoch."""
+        if self.config.expert_handover == "last":
+            return {"rule": "last", "epochs": {m: self.config.stage_epochs for m in MODALITIES}}
+        for m in MODALITIES:
+            self.model.load_modality_state(m, self._best_states[m][1])
+        return {"rule": "best", "split": self._handover_split, "metric": self._handover_metric,
+                "epochs": {m: self._best_states[m][0] for m in MODALITIES}}
+
+    def _epoch(self, stage: int, epoch: int, on_epoch: Callable[[dict], None],
+               progress: tqdm | None) -> dict:
+        started = time.perf_counter()
+        record = {"fold": self.fold + 1, "stage": stage, "epoch": epoch,
+                  "train": self._train_epoch(stage)}
+        for split in ("val", "test"):
+            record[split] = self._evaluate(split, stage) if self.splits[split] else None
+        if stage == 1:
+            self._track_best_experts(record, epoch)
+        record["seconds"] = time.perf_counter() - started
+        record.update(peak_memory(self.device))
+        on_epoch(record)
+        if progress is not None:
+            progress.update(1)
+        return record
+
+    def _track_best_experts(self, record: dict, epoch: int) -> None:
+        if epoch == 1:
+            self._best_states: dict[str, tuple[int, dict, float]] = {}
+            self._handover_split = "val" if self.splits["val"] else "train"
+            self._handover_metric = HANDOVER_METRIC[self.data.spec.task]
+        if self.config.expert_handover != "best":
+            return
+        scores = record[self._handover_split]
+        for m in MODALITIES:
+            value = scores[m][self._handover_metric]
+            if m not in self._best_states or value > self._best_states[m][2]:
+                self._best_states[m] = (epoch, self.model.modality_state(m), value)
+
+    # ------------------------------------------------------------------ one pass over a split
+
+    def _train_epoch(self, stage: int) -> dict:
+        model, config = self.model, self.config
+        model.train()
+        order = torch.randperm(len(self.splits["train"]), generator=self.generator).tolist()
+        collected = _Collector(stage)
+        for start in range(0, len(order), config.batch_size):
+            conversations = [self.splits["train"][i] for i in order[start:start + config.batch_size]]
+            available = self.setting.training_availability(
+                stage, self.builder.utterance_count(conversations), self.generator)
+            batch = self.builder.build(conversations, available)
+            with autocast(self.device, config.amp):
+                output = model(batch.packed_features(), batch.layout, stage)
+            loss = collected.add(output, batch, self.regression)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return collected.metrics(self.regression)
+
+    @torch.inference_mode()
+    def _evaluate(self, split: str, stage: int) -> dict:
+        self.model.eval()
+        collected = _Collector(stage)
+        for batch in self._evaluation_batches(split, stage):
+            with autocast(self.device, self.config.amp):
+                output = self.model(batch.packed_features(), batch.layout, stage)
+            collected.add(output, batch, self.regression)
+        return collected.metrics(self.regression)
+
+    def _evaluation_batches(self, split: str, stage: int) -> list[Batch]:
+        """Built once per split and stage: the evaluation masks stay fixed across epochs."""
+        kind = stage if self.setting.protocol == "fixed" else 0  # random: same masks both stages
+        if (split, kind) not in self._eval_batches:
+            conversations = self.splits[split]
+            lengths = self.data.lengths()[conversations]
+            available = self.setting.evaluation_availability(
+                stage, int(lengths.sum()), seed=self.config.seed, fold=self.fold, split=split)
+            bounds = np.concatenate([[0], np.cumsum(lengths)])
+            batches, size = [], self.config.batch_size
+            for start in range(0, len(conversations), size):
+                stop = min(start + size, len(conversations))
+                batches.append(self.builder.build(conversations[start:stop],
+                                                  available[bounds[start]:bounds[stop]]))
+            self._eval_batches[split, kind] = batches
+        return self._eval_batches[split, kind]
+
+    # ------------------------------------------------------------------ stage-1 reuse
+
+    def _snapshot(self, records: list[dict], handover: dict | None) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rng_torch": torch.get_rng_state(), "rng_data": self.generator.get_state(),
+                "rng_cuda": (torch.cuda.get_rng_state(self.device)
+                             if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8)),
+                "records": records, "handover": handover}
+
+    def _restore(self, cached: dict) -> None:
+        self.model.load_state_dict(cached["model"])
+        self.optimizer.load_state_dict(cached["optimizer"])
+        torch.set_rng_state(cached["rng_torch"])
+        self.generator.set_state(cached["rng_data"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(cached["rng_cuda"], self.device)
+
+
+class _Collector:
+    """Losses and detached predictions of one pass, turned into metrics once at the end."""
+
+    def __init__(self, stage: int) -> None:
+        self.stage = stage
+        self.outputs: dict[str, list[torch.Tensor]] = {}
+        self.targets: dict[str, list[torch.Tensor]] = {}
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.tokens = 0
+
+    def add(self, output, batch: Batch, regression: bool) -> torch.Tensor:
+        if self.stage == 1:
+            pairs = {m: (output.unimodal[m], batch.targets(batch.layout.observed[m]))
+                     for m in output.unimodal}
+        else:
+            pairs = {"fused": (output.fused, batch.targets(batch.layout.valid))}
+        loss = sum(task_loss(p.float(), t, regression=regression) for p, t in pairs.values())
+        tokens = batch.layout.valid.shape[0]
+        self.loss_sum = self.loss_sum + loss.detach() * tokens
+        self.tokens += tokens
+        for name, (prediction, target) in pairs.items():
+            self.outputs.setdefault(name, []).append(prediction.detach())
+            self.targets.setdefault(name, []).append(target)
+        return loss
+
+    def metrics(self, regression: bool) -> dict:
+        result = {}
+        for name in self.outputs:
+            outputs = torch.cat(self.outputs[name]).float().cpu().numpy()
+            targets = torch.cat(self.targets[name]).cpu().numpy()
+            result[name] = task_metrics(outputs, targets, regression=regression)
+        result = result.pop("fused") if self.stage == 2 else result
+        result["loss"] = float(self.loss_sum) / max(self.tokens, 1)
+        return result
