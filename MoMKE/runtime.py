@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import subprocess
 import sys
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -45,3 +48,17 @@ def peak_memory(device: torch.device) -> dict[str, float | str]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return {"device": "cpu", "memory": "peak_rss", "peak_memory_mb": peak * scale / 2**20}
+
+
+@lru_cache(maxsize=1)
+def source_version() -> str:
+    """The git commit of this checkout (with '-dirty' when files differ), or 'unknown'."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
+                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")

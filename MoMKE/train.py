@@ -20,8 +20,9 @@ from dataloader.errors import DataError
 from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset, read_marker
 from MoMKE.config import ConfigError, TrainConfig, config_to_yaml, parse_config
 from MoMKE.protocols import MissingSetting, settings_from
-from MoMKE.runlog import RunFolder, read_result, run_folder, setup_console_logging
-from MoMKE.runtime import resolve_device
+from MoMKE.runlog import (RunFolder, experiment_hash, read_result, run_folder,
+                          setup_console_logging)
+from MoMKE.runtime import resolve_device, source_version
 from MoMKE.selection import RULE_LABELS, fold_summary, mean_over_folds
 from MoMKE.trainer import FoldTrainer, model_config_for
 
@@ -110,6 +111,7 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
                  "utterances": data.num_utterances, "empty_faces": data.empty_faces,
                  "synthetic": read_marker(data.root)},
         "device": str(device), "config": config.to_dict(),
+        "experiment": experiment_hash(config), "source_version": source_version(),
     }
 
 

@@ -1,0 +1,102 @@
+"""PNG plots beside the report tables: each metric against the missing rate, and the seven fixed
+conditions as bars. Titles carry the data source; axes carry units; published values are drawn
+where they exist (dashed line or black marker)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dataloader.datasets import get_spec  # noqa: E402
+from MoMKE.report import (METRIC_NAMES, PERCENT_METRICS, Row, cell,  # noqa: E402
+                          published_value)
+from MoMKE.selection import RULE_LABELS, RULES  # noqa: E402
+
+RULE_STYLE = {"best_test": "tab:red", "best_val": "tab:blue", "last": "tab:gray"}
+
+
+def _unit(metric: str) -> str:
+    return f"{METRIC_NAMES[metric]} (%)" if metric in PERCENT_METRICS else f"{METRIC_NAMES[metric]}"
+
+
+def _title(dataset: str, source: str, what: str) -> str:
+    data = "SYNTHETIC data, not comparable with the paper" if source == "synthetic" else "real data"
+    return f"{dataset} ({data}): {what}"
+
+
+def plot_group(key: tuple[str, str, str], rows: list[Row], out: Path, prefix: str) -> list[Path]:
+    dataset, source, _ = key
+    written = []
+    rate_rows = [r for r in rows if r.protocol == "random" and r.key is not None]
+    if len(rate_rows) > 1:
+        for metric in get_spec(dataset).metrics:
+            written.append(_rate_plot(dataset, source, rate_rows, metric, out / f"{prefix}_rate_{metric}.png"))
+    fixed_rows = [r for r in rows if r.protocol == "fixed" and r.key is not None]
+    if fixed_rows:
+        written.append(_condition_plot(dataset, source, fixed_rows, out / f"{prefix}_conditions.png"))
+    return written
+
+
+def _rate_plot(dataset: str, source: str, rows: list[Row], metric: str, path: Path) -> Path:
+    figure, axis = plt.subplots(figsize=(6, 4))
+    rates = [float(r.key) for r in rows]
+    for rule in RULES:
+        values = [cell(r, rule, metric) for r in rows]
+        if all(v is None for v in values):
+            continue
+        mean = np.array([v[0] if v else np.nan for v in values])
+        std = np.array([v[1] if v else np.nan for v in values])
+        axis.errorbar(rates, mean, yerr=std, marker="o", capsize=3, color=RULE_STYLE[rule],
+                      label=RULE_LABELS[rule])
+    refs = [(float(r.key), published_value(dataset, r, metric)) for r in rows]
+    refs = [(x, p) for x, p in refs if p is not None]
+    if refs:
+        axis.plot([x for x, _ in refs], [p.value for _, p in refs], "k--", marker="s",
+                  label=f"published MoMKE [{refs[0][1].source}]")
+    axis.set_xlabel("missing rate (fraction of missing modality entries)")
+    axis.set_ylabel(_unit(metric))
+    axis.set_title(_title(dataset, source, f"{METRIC_NAMES[metric]} vs missing rate"), fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _condition_plot(dataset: str, source: str, rows: list[Row], path: Path) -> Path:
+    metrics = [m for m in get_spec(dataset).metrics if m in PERCENT_METRICS][:2]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    labels = [r.label for r in rows]
+    x = np.arange(len(rows))
+    width = 0.8 / len(RULES)
+    for axis, metric in zip(axes[0], metrics):
+        for k, rule in enumerate(RULES):
+            values = [cell(r, rule, metric) for r in rows]
+            if all(v is None for v in values):
+                continue
+            axis.bar(x + (k - 1) * width, [v[0] if v else 0 for v in values], width,
+                     yerr=[v[1] if v else 0 for v in values], color=RULE_STYLE[rule],
+                     label=RULE_LABELS[rule], capsize=2)
+        refs = [(i, published_value(dataset, r, metric)) for i, r in enumerate(rows)]
+        refs = [(i, p) for i, p in refs if p is not None]
+        if refs:
+            axis.scatter([i for i, _ in refs], [p.value for _, p in refs], color="black",
+                         marker="_", s=300, zorder=3, label=f"published [{refs[0][1].source}]")
+        shown = [v[0] for r in rows for rule in RULES if (v := cell(r, rule, metric))]
+        shown += [p.value for _, p in refs]
+        axis.set_ylim(max(0.0, min(shown) - 10), min(100.0, max(shown) + 5))  # bars cut below
+        axis.set_xticks(x, labels)
+        axis.set_xlabel("available modalities (fixed test condition)")
+        axis.set_ylabel(_unit(metric))
+        axis.set_title(_title(dataset, source, METRIC_NAMES[metric]), fontsize=9)
+        axis.grid(axis="y", alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

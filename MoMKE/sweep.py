@@ -1,0 +1,174 @@
+"""Run every (seed, condition or rate) of a dataset as one resumable list of runs.
+
+    python -m MoMKE.sweep --dataset CMUMOSI --test-condition a,t,v,at,av,tv,atv \
+        --missing-rate 0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7 --seeds 66,67,68 [MoMKE.train flags]
+
+From: SPEC §7. The sweep plans a list of runs (one per seed and condition or rate), skips those
+whose run folder holds a complete result, and runs the rest; a run interrupted half-way has no
+`result.json` and is trained again from its start. Runs that share a stage 1 (every fixed
+condition of a seed; each rate of a seed) are planned next to each other, so the first trains it
+and the others reuse it from `<output-dir>/_stage1/`. The run scripts call this module.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from dataloader.datasets import get_spec
+from dataloader.errors import DataError
+from dataloader.gcnet import feature_names_from, load_dataset
+from dataloader.synthetic import generate
+from MoMKE import train
+from MoMKE.config import ConfigError, TrainConfig, parse_config
+from MoMKE.protocols import MissingSetting, settings_from
+from MoMKE.runlog import read_result, run_folder, setup_console_logging
+from MoMKE.runtime import resolve_device
+
+log = logging.getLogger("MoMKE")
+
+SYNTHETIC_ROOT = "synthetic"  # below the data root: features/synthetic/
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training of the sweep: a single seed and a single condition or rate."""
+
+    config: TrainConfig
+    setting: MissingSetting
+
+    @property
+    def folder(self) -> Path:
+        return run_folder(self.config, self.setting)
+
+    @property
+    def label(self) -> str:
+        return f"{self.config.dataset} {self.setting.name} seed {self.config.seed}"
+
+    def is_complete(self) -> bool:
+        return read_result(self.folder) is not None
+
+
+@dataclass
+class SweepSummary:
+    trained: list[RunSpec] = field(default_factory=list)
+    skipped: list[RunSpec] = field(default_factory=list)
+    failed: list[tuple[RunSpec, str]] = field(default_factory=list)
+
+    def report(self) -> str:
+        lines = [f"sweep finished: {len(self.trained)} trained, {len(self.skipped)} complete "
+                 f"before, {len(self.failed)} failed"]
+        for run, error in self.failed:
+            lines.append(f"  FAILED {run.label}: {error} (log: {run.folder / 'run.log'})")
+        return "\n".join(lines)
+
+
+def plan(config: TrainConfig, seeds: Sequence[int]) -> list[RunSpec]:
+    """Every (seed, setting) as its own config; runs sharing a stage 1 stay next to each other."""
+    settings = settings_from(config.test_condition, config.missing_rate)
+    runs = []
+    for seed in seeds:
+        for setting in settings:
+            single = dataclasses.replace(
+                config, seed=seed,
+                test_condition=[setting.condition] if setting.protocol == "fixed" else [],
+                missing_rate=[setting.rate] if setting.protocol == "random" else [])
+            runs.append(RunSpec(single, setting))
+    return runs
+
+
+def run_locally(runs: Sequence[RunSpec]) -> SweepSummary:
+    """The in-process executor: one run after another, the dataset loaded once."""
+    summary = SweepSummary()
+    pending = [run for run in runs if run.config.force or not run.is_complete()]
+    summary.skipped = [run for run in runs if run not in pending]
+    if not pending:
+        return summary
+    first = pending[0].config
+    data = load_dataset(first.dataset, first.data_root, feature_names_from(
+        first.audio_feature, first.text_feature, first.video_feature))
+    device = resolve_device(first.device)
+    for number, run in enumerate(pending, start=1):
+        log.info("[%d/%d] %s", number, len(pending), run.label)
+        try:
+            train.run(run.config, data, run.setting, device)
+            summary.trained.append(run)
+        except Exception as error:  # the sweep goes on; the summary names the failure
+            log.error("%s failed: %s\n%s", run.label, error, traceback.format_exc())
+            summary.failed.append((run, f"{type(error).__name__}: {error}"))
+    return summary
+
+
+def resolve_data_root(config: TrainConfig, synthetic_fallback: bool) -> TrainConfig:
+    """Real features when present; otherwise, with the fallback, the synthetic set (generated
+    once into <data root>/synthetic/), announced loudly."""
+    spec = get_spec(config.dataset)
+    if (Path(config.data_root) / spec.folder / spec.label_file).is_file() or not synthetic_fallback:
+        return config
+    root = Path(config.data_root) / SYNTHETIC_ROOT
+    banner = "#" * 78
+    log.warning("%s\n# No %s features under %s: using the SYNTHETIC default in %s.\n# Every number "
+                "of this sweep is measured on generated data, NOT comparable with the paper.\n%s",
+                banner, spec.name, config.data_root, root, banner)
+    if not (root / spec.folder / spec.label_file).is_file():
+        log.info("generating the synthetic %s set (python -m dataloader.synthetic --dataset %s "
+                 "--out %s)", spec.name, spec.name, root)
+        generate(spec.name, root)
+    return dataclasses.replace(config, data_root=str(root))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m MoMKE.sweep", allow_abbrev=False,
+        description="Run every (seed, condition or rate) as one resumable list of runs; any "
+                    "other flag is a MoMKE.train flag (see python -m MoMKE.train --help).")
+    parser.add_argument("--seeds", default=None,
+                        help="comma or space separated seeds (default: the --seed of the run, 66)")
+    parser.add_argument("--synthetic-fallback", action="store_true",
+                        help="without real features under --data-root, generate and use the "
+                             "synthetic set in <data-root>/synthetic (the run scripts set this)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_console_logging()
+    args, train_args = build_parser().parse_known_args(argv)
+    try:
+        config = parse_config(train_args)
+        seeds = _seeds(args.seeds, config.seed)
+        config = resolve_data_root(config, args.synthetic_fallback)
+        runs = plan(config, seeds)
+    except (ConfigError, DataError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    log.info("sweep: %d runs (%s)", len(runs), ", ".join(run.label for run in runs))
+    started = time.perf_counter()
+    try:
+        summary = run_locally(runs)
+    except (DataError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    log.info("%s in %.1f s", summary.report(), time.perf_counter() - started)
+    return 1 if summary.failed else 0
+
+
+def _seeds(text: str | None, default: int) -> list[int]:
+    if text is None:
+        return [default]
+    try:
+        seeds = [int(s) for s in text.replace(",", " ").split()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r} must be integers, e.g. '66,67,68'.") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty; give at least one seed.")
+    return seeds
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Report tables: rows, seeds as mean ± std, published numbers with their difference, units."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from MoMKE.report import main, write_report
+
+
+def _result(folder, *, dataset, setting, seed, wa, source="synthetic", epochs=200):
+    protocol, value = setting.split("-")
+    metrics = {"wa": wa, "ua": wa - 0.01, "f1": wa + 0.01}
+    result = {
+        "dataset": dataset, "data_source": source, "protocol": protocol,
+        "condition": value if protocol == "fixed" else None,
+        "missing_rate": float(value) if protocol == "random" else None,
+        "seed": seed, "setting": setting, "experiment": "e1", "complete": True,
+        "test": {"best_test": metrics, "best_val": None, "last": {k: v - 0.02 for k, v in
+                                                                  metrics.items()}},
+        "folds": [{"fold": k, "test": {"best_test": metrics}} for k in range(1, 6)],
+        "config": {"hidden": 256, "depth": 4, "num_heads": 2, "mlp_ratio": 1.0, "drop_rate": 0.5,
+                   "attn_drop_rate": 0.0, "lr": 1e-4, "l2": 1e-5, "expert_handover": "best",
+                   "batch_size": 16, "epochs": epochs, "stage_epochs": 100},
+        "data": {"root": "features/IEMOCAP", "features": {"a": "A", "t": "T", "v": "V"}},
+        "source_version": "abc123",
+    }
+    path = folder / f"{setting}_seed{seed}"
+    path.mkdir(parents=True)
+    (path / "result.json").write_text(json.dumps(result))
+
+
+def test_tables_aggregate_seeds_and_compare_with_published(tmp_path):
+    for seed, wa in ((1, 0.70), (2, 0.72)):
+        _result(tmp_path / "runs", dataset="IEMOCAPFour", setting="fixed-a", seed=seed, wa=wa)
+    _result(tmp_path / "runs", dataset="IEMOCAPFour", setting="random-0.3", seed=1, wa=0.6)
+    (tmp_path / "runs" / "partial").mkdir()
+    (tmp_path / "runs" / "partial" / "result.json").write_text('{"complete": false}')
+    written = write_report([tmp_path / "runs"], tmp_path / "out")
+    names = {p.name for p in written}
+    assert {"IEMOCAPFour.md", "IEMOCAPFour.csv", "IEMOCAPFour_conditions.png"} <= names
+    text = (tmp_path / "out" / "IEMOCAPFour.md").read_text()
+    assert "SYNTHETIC DATA" in text and "NOT comparable" in text
+    # WA of condition a: mean 71.00, sample std 1.41 over 2 seeds; published 69.53 [primd]
+    assert "| a | 2 | 71.00 ± 1.41 | 70.00 ± 1.41 | 72.00 ± 1.41 | 69.53 [primd] | 70.21 [primd] " \
+           "| +1.47 | -0.21 |" in text
+    assert "| 0.3 | 1 | 60.00 | 59.00 | 61.00 | 73.47 [comp] | 72.59 [comp] | -13.47 | -13.59 |" \
+           in text
+    assert "best-on-validation epoch: n/a (IEMOCAPFour has no validation split)" in text
+    assert "Hyperparameters different from the paper's: none." in text
+    assert "WA (%)" in text and "abc123" in text and "five leave-one-session-out folds" in text
+    rows = list(csv.DictReader((tmp_path / "out" / "IEMOCAPFour.csv").open()))
+    cell = next(r for r in rows if r["row"] == "a" and r["rule"] == "last" and r["metric"] == "wa")
+    assert (cell["mean"], cell["n"], cell["unit"]) == ("69.0000", "2", "percent")
+
+
+def test_changed_hyperparameters_are_named(tmp_path):
+    _result(tmp_path, dataset="IEMOCAPFour", setting="fixed-atv", seed=1, wa=0.7, epochs=20)
+    write_report([tmp_path], tmp_path / "out", plots=False)
+    assert "epochs 20 (paper 200)" in (tmp_path / "out" / "IEMOCAPFour.md").read_text()
+
+
+def test_no_runs_is_an_error(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no complete run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing", ["nowhere"])
+def test_missing_path_is_an_error(tmp_path, capsys, missing):
+    assert main([str(tmp_path / missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err
