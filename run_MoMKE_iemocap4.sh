@@ -15,6 +15,8 @@ OUTPUT_DIR=${OUTPUT_DIR:-saved}
 SEEDS=${SEEDS:-66}
 CONDITIONS=${CONDITIONS:-a,t,v,at,av,tv,atv}
 RATES=${RATES:-0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7}
+UNIFIED=${UNIFIED:-none}          # any or any+rates: also train one model for every missing pattern
+ABLATIONS=${ABLATIONS:-}          # e.g. all, or no-stage1,uniform-router,self-experts,frozen-experts
 EPOCHS=${EPOCHS:-200}
 STAGE_EPOCHS=${STAGE_EPOCHS:-100}
 BATCH_SIZE=${BATCH_SIZE:-16}
@@ -35,6 +37,8 @@ python -m MoMKE.sweep \
     --seeds "$SEEDS" \
     --test-condition "$CONDITIONS" \
     --missing-rate "$RATES" \
+    --unified "$UNIFIED" \
+    --ablations "$ABLATIONS" \
     --epochs "$EPOCHS" \
     --stage-epochs "$STAGE_EPOCHS" \
     --batch-size "$BATCH_SIZE" \

@@ -61,6 +61,18 @@ class TrainConfig:
         "stage-1 weights stage 2 starts from: best (each modality's best stage-1 epoch, the "
         "paper's intent) or last (what the released code effectively does)",
         default="best", choices=["best", "last"])
+    train_missing: str = _option(
+        "stage-2 training masks: run (the run's own condition or rate, the paper), any (one "
+        "unified model: each conversation gets one of the seven conditions; evaluated on all "
+        "conditions and rates), any+rates (as any, half the conversations with random per-"
+        "utterance masks at a rate in [0, 0.7])", default="run", choices=["run", "any", "any+rates"])
+    ablation: str = _option(
+        "change one thing of MoMKE: none; no-stage1 (the mixture trained from scratch: stage 1 "
+        "skipped, stage 2 as long as usual); uniform-router (equal weights over the experts, "
+        "nothing learnt); self-experts (each modality uses its own expert only: no cross-expert "
+        "knowledge); frozen-experts (experts keep their stage-1 weights in stage 2)",
+        default="none", choices=["none", "no-stage1", "uniform-router", "self-experts",
+                                 "frozen-experts"])
     # model
     hidden: int = _option("hidden size D", default=256)
     depth: int = _option("layers per expert", default=4)

@@ -4,6 +4,10 @@ From: SPEC §5.
     fixed   stage 1 sees complete data; in stage 2 the condition masks training and evaluation.
     random  training masks are redrawn every batch at the rate, in both stages; validation and test
             masks are drawn once (seed, fold, split, rate) and reused every epoch.
+    unified one model for every missing pattern (beyond the paper): stage 1 as in the fixed
+            protocol; in stage 2 each training conversation draws one of the seven conditions
+            (`any`), or for half of them per-utterance masks at a random rate (`any+rates`); it
+            is evaluated on all seven conditions and all rates with the fixed evaluation masks.
 """
 from __future__ import annotations
 
@@ -21,14 +25,21 @@ class MissingSetting:
     condition: str | None = None
     rate: float | None = None
 
+    mix: str | None = None  # unified only: "any" or "any+rates"
+
     @property
     def name(self) -> str:
-        return f"fixed-{self.condition}" if self.protocol == "fixed" else f"random-{self.rate:.1f}"
+        if self.protocol == "fixed":
+            return f"fixed-{self.condition}"
+        if self.protocol == "random":
+            return f"random-{self.rate:.1f}"
+        return f"unified-{self.mix}"
 
     @property
     def stage1_key(self) -> str:
-        """What stage 1 depends on: nothing in the fixed protocol, the rate in the random one."""
-        return "complete" if self.protocol == "fixed" else f"rate={self.rate}"
+        """What stage 1 depends on: nothing in the fixed and unified protocols, the rate in the
+        random one (so one stage 1 serves all seven conditions and the unified model)."""
+        return f"rate={self.rate}" if self.protocol == "random" else "complete"
 
     def training_availability(self, stage: int, utterances: int,
                               generator: torch.Generator) -> Tensor:
@@ -46,6 +57,10 @@ class MissingSetting:
         return condition_availability("atv" if stage == 1 else self.condition, utterances)
 
 
-def settings_from(conditions: list[str], rates: list[float]) -> list[MissingSetting]:
+def settings_from(conditions: list[str], rates: list[float],
+                  train_missing: str = "run") -> list[MissingSetting]:
+    """The runs a configuration asks for: one per condition and rate, or one unified model."""
+    if train_missing != "run":
+        return [MissingSetting("unified", mix=train_missing)]
     return ([MissingSetting("fixed", condition=c) for c in conditions]
             + [MissingSetting("random", rate=r) for r in rates])

@@ -37,10 +37,15 @@ _NOT_IN_IDENTITY = ("test_condition", "missing_rate", "seed", "device", "output_
                     "save_checkpoint", "reuse_stage1", "force", "config")
 
 
-def experiment_hash(config: TrainConfig) -> str:
-    """Identifies the hyperparameters and data of a run, apart from condition/rate and seed."""
-    values = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_IDENTITY}
+def experiment_hash(config: TrainConfig, *, ignore: tuple[str, ...] = ()) -> str:
+    """Identifies the hyperparameters and data of a run, apart from condition/rate and seed
+    (and the fields in `ignore`: the report compares variants under one base experiment)."""
+    values = {k: v for k, v in config.to_dict().items()
+              if k not in _NOT_IN_IDENTITY and k not in ignore}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+VARIANT_FIELDS = ("ablation", "train_missing")  # what tells MoMKE, its ablations and unified apart
 
 
 def run_folder(config: TrainConfig, setting: MissingSetting) -> Path:

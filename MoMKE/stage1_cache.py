@@ -36,6 +36,15 @@ def key_for(config: TrainConfig, data: MultimodalDataset, fold: int, setting: Mi
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def group_key(config: TrainConfig, setting: MissingSetting) -> str | None:
+    """Runs with the same group key share one stage 1 (on every fold); None: no stage 1."""
+    if config.stage_epochs == 0 or config.ablation == "no-stage1":
+        return None
+    payload = {name: getattr(config, name) for name in _STAGE1_FIELDS}
+    payload.update(data_root=config.data_root, missing=setting.stage1_key, device=config.device)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def path_for(config: TrainConfig, key: str) -> Path:
     return Path(config.output_dir) / "_stage1" / f"{config.dataset}-{key}.pt"
 

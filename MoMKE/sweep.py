@@ -25,7 +25,8 @@ from dataloader.datasets import get_spec
 from dataloader.errors import DataError
 from dataloader.gcnet import feature_names_from, load_dataset
 from dataloader.synthetic import generate
-from MoMKE import train
+from MoMKE import stage1_cache, train
+from MoMKE.ablations import ABLATIONS
 from MoMKE.config import ConfigError, TrainConfig, parse_config
 from MoMKE.protocols import MissingSetting, settings_from
 from MoMKE.runlog import read_result, run_folder, setup_console_logging
@@ -49,7 +50,13 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.config.dataset} {self.setting.name} seed {self.config.seed}"
+        variant = "" if self.config.ablation == "none" else f" [{self.config.ablation}]"
+        return f"{self.config.dataset} {self.setting.name}{variant} seed {self.config.seed}"
+
+    @property
+    def stage1_group(self) -> str | None:
+        """Runs of one group share a stage 1 (trained by the first, reused by the others)."""
+        return stage1_cache.group_key(self.config, self.setting)
 
     def is_complete(self) -> bool:
         return read_result(self.folder) is not None
@@ -69,17 +76,25 @@ class SweepSummary:
         return "\n".join(lines)
 
 
-def plan(config: TrainConfig, seeds: Sequence[int]) -> list[RunSpec]:
-    """Every (seed, setting) as its own config; runs sharing a stage 1 stay next to each other."""
-    settings = settings_from(config.test_condition, config.missing_rate)
+def plan(config: TrainConfig, seeds: Sequence[int], *, unified: str | None = None,
+         ablations: Sequence[str] = ()) -> list[RunSpec]:
+    """Every (seed, variant, setting) as its own config: MoMKE on each condition and rate, each
+    ablation on the same, and optionally one unified model per seed. Runs sharing a stage 1 stay
+    next to each other, so the first trains it and the others reuse it."""
+    variants = [dataclasses.replace(config, ablation="none")]
+    variants += [dataclasses.replace(config, ablation=name) for name in ablations]
     runs = []
     for seed in seeds:
-        for setting in settings:
-            single = dataclasses.replace(
-                config, seed=seed,
-                test_condition=[setting.condition] if setting.protocol == "fixed" else [],
-                missing_rate=[setting.rate] if setting.protocol == "random" else [])
-            runs.append(RunSpec(single, setting))
+        for variant in variants:
+            for setting in settings_from(variant.test_condition, variant.missing_rate):
+                single = dataclasses.replace(
+                    variant, seed=seed, train_missing="run",
+                    test_condition=[setting.condition] if setting.protocol == "fixed" else [],
+                    missing_rate=[setting.rate] if setting.protocol == "random" else [])
+                runs.append(RunSpec(single, setting))
+        if unified:
+            single = dataclasses.replace(config, seed=seed, ablation="none", train_missing=unified)
+            runs.append(RunSpec(single, settings_from([], [], unified)[0]))
     return runs
 
 
@@ -130,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "other flag is a MoMKE.train flag (see python -m MoMKE.train --help).")
     parser.add_argument("--seeds", default=None,
                         help="comma or space separated seeds (default: the --seed of the run, 66)")
+    parser.add_argument("--unified", choices=["none", "any", "any+rates"], default="none",
+                        help="also train one unified model per seed (see MoMKE.train "
+                             "--train-missing); default none")
+    parser.add_argument("--ablations", default="",
+                        help=f"comma list of ablations to run beside MoMKE on every condition "
+                             f"and rate: {', '.join(ABLATIONS)}, or all")
     parser.add_argument("--synthetic-fallback", action="store_true",
                         help="without real features under --data-root, generate and use the "
                              "synthetic set in <data-root>/synthetic (the run scripts set this)")
@@ -143,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = parse_config(train_args)
         seeds = _seeds(args.seeds, config.seed)
         config = resolve_data_root(config, args.synthetic_fallback)
-        runs = plan(config, seeds)
+        runs = plan(config, seeds, unified=None if args.unified == "none" else args.unified,
+                    ablations=_ablations(args.ablations))
     except (ConfigError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -156,6 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     log.info("%s in %.1f s", summary.report(), time.perf_counter() - started)
     return 1 if summary.failed else 0
+
+
+def _ablations(text: str) -> list[str]:
+    names = [n for n in text.replace(" ", ",").split(",") if n]
+    if names == ["all"]:
+        return list(ABLATIONS)
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ConfigError(f"--ablations {unknown[0]!r} is unknown; use {', '.join(ABLATIONS)} or "
+                          f"all.")
+    return names
 
 
 def _seeds(text: str | None, default: int) -> list[int]:

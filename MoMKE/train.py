@@ -20,7 +20,8 @@ from dataloader.errors import DataError
 from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset, read_marker
 from MoMKE.config import ConfigError, TrainConfig, config_to_yaml, parse_config
 from MoMKE.protocols import MissingSetting, settings_from
-from MoMKE.runlog import (RunFolder, experiment_hash, read_result, run_folder,
+from MoMKE.ablations import variant_name
+from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, experiment_hash, read_result, run_folder,
                           setup_console_logging)
 from MoMKE.runtime import resolve_device, source_version
 from MoMKE.selection import RULE_LABELS, fold_summary, mean_over_folds
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if data.data_source == "synthetic":
         log.warning("SYNTHETIC DATA (%s): every number below is measured on generated features "
                     "and is not comparable with the paper", data.root)
-    for setting in settings_from(config.test_condition, config.missing_rate):
+    for setting in settings_from(config.test_condition, config.missing_rate, config.train_missing):
         run(config, data, setting, device)
     return 0
 
@@ -68,6 +69,15 @@ def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
         return result
     finally:
         folder.close()
+
+
+def train_stage1(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
+                 device: torch.device) -> None:
+    """Train (or find cached) the stage 1 of every fold of `setting` without running stage 2:
+    what a distributed sweep runs once before the runs that reuse it."""
+    for fold in [k - 1 for k in config.folds] if config.folds else range(len(data.folds)):
+        FoldTrainer(config, data, fold, setting, device, BatchBuilder(data, device)).stage1(
+            lambda record: None)
 
 
 def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
@@ -111,7 +121,9 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
                  "utterances": data.num_utterances, "empty_faces": data.empty_faces,
                  "synthetic": read_marker(data.root)},
         "device": str(device), "config": config.to_dict(),
-        "experiment": experiment_hash(config), "source_version": source_version(),
+        "experiment": experiment_hash(config), "variant": variant_name(config.to_dict()),
+        "base_experiment": experiment_hash(config, ignore=VARIANT_FIELDS),
+        "source_version": source_version(),
     }
 
 

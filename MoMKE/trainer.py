@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from dataloader.batch import Batch, BatchBuilder
 from dataloader.gcnet import MultimodalDataset
+from MoMKE.ablations import has_stage1, model_options
 from MoMKE.config import TrainConfig
 from MoMKE.losses import task_loss
 from MoMKE.metrics import task_metrics
@@ -46,7 +47,8 @@ def model_config_for(config: TrainConfig, data: MultimodalDataset) -> ModelConfi
     return ModelConfig(input_dims=tuple(data.dims[m] for m in MODALITIES),
                        num_outputs=data.spec.num_classes, hidden=config.hidden, depth=config.depth,
                        num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
-                       drop_rate=config.drop_rate, attn_drop_rate=config.attn_drop_rate)
+                       drop_rate=config.drop_rate, attn_drop_rate=config.attn_drop_rate,
+                       **model_options(config.ablation))
 
 
 class FoldTrainer:
@@ -81,7 +83,7 @@ class FoldTrainer:
                progress: tqdm | None = None) -> tuple[list[dict], dict | None, bool]:
         """Unimodal expert training and the hand-over; returns (records, hand-over, reused)."""
         config = self.config
-        if not config.stage_epochs:
+        if not has_stage1(config):
             return [], None, False
         key = stage1_cache.key_for(config, self.data, self.fold, self.setting, self.device)
         cached = stage1_cache.load(config, key) if config.reuse_stage1 else None
