@@ -79,50 +79,37 @@ def _linear_init(weight: Tensor, bias: Tensor, fan_in: int) -> None:
 
 
 class ExpertLayer(nn.Module):
-    """Layer l of all E experts: multi-head self-attention over a conversation's utterances (no
-    output projection), then z + MLP(z). Weights are stacked (E, in, out) so the experts of a layer
-    run as one batched matmul; q, k and v are fused into one (D, 3D) weight per expert."""
+    """The weights of one layer of one expert: multi-head self-attention over a conversation's
+    utterances with q, k, v fused into one (D, 3D) weight (no output projection), then an MLP.
+    The computation lives in `Experts.forward`, which runs the same layer of several experts as
+    one batched matmul over their stacked weights."""
 
-    def __init__(self, *, experts: int, hidden: int, num_heads: int, mlp_ratio: float,
-                 drop_rate: float, attn_drop_rate: float) -> None:
+    def __init__(self, *, hidden: int, mlp_ratio: float) -> None:
         super().__init__()
         inner = int(hidden * mlp_ratio)
-        self.num_heads = num_heads
-        self.qkv_weight = nn.Parameter(torch.empty(experts, hidden, 3 * hidden))
-        self.qkv_bias = nn.Parameter(torch.empty(experts, 1, 3 * hidden))
-        self.fc1_weight = nn.Parameter(torch.empty(experts, hidden, inner))
-        self.fc1_bias = nn.Parameter(torch.empty(experts, 1, inner))
-        self.fc2_weight = nn.Parameter(torch.empty(experts, inner, hidden))
-        self.fc2_bias = nn.Parameter(torch.empty(experts, 1, hidden))
+        self.qkv_weight = nn.Parameter(torch.empty(hidden, 3 * hidden))
+        self.qkv_bias = nn.Parameter(torch.empty(1, 3 * hidden))
+        self.fc1_weight = nn.Parameter(torch.empty(hidden, inner))
+        self.fc1_bias = nn.Parameter(torch.empty(1, inner))
+        self.fc2_weight = nn.Parameter(torch.empty(inner, hidden))
+        self.fc2_bias = nn.Parameter(torch.empty(1, hidden))
         for weight, bias, fan_in in ((self.qkv_weight, self.qkv_bias, hidden),
                                      (self.fc1_weight, self.fc1_bias, hidden),
                                      (self.fc2_weight, self.fc2_bias, inner)):
             _linear_init(weight, bias, fan_in)
-        self.attn_drop = Dropout(attn_drop_rate)
-        self.drop = Dropout(drop_rate)
 
-    def forward(self, x: Tensor, grid: StreamGrid) -> Tensor:
-        experts, tokens, hidden = x.shape  # (E', T, D)
-        heads, head_dim = self.num_heads, hidden // self.num_heads
-        params = [self.qkv_weight, self.qkv_bias, self.fc1_weight, self.fc1_bias,
-                  self.fc2_weight, self.fc2_bias]
-        if grid.experts is not None:  # a subset of the experts runs (stage 1 under masks, ablations)
-            params = [p.index_select(0, grid.experts) for p in params]
-        qkv_w, qkv_b, fc1_w, fc1_b, fc2_w, fc2_b = params
+    def weights(self) -> tuple[Tensor, ...]:
+        return (self.qkv_weight, self.qkv_bias, self.fc1_weight, self.fc1_bias,
+                self.fc2_weight, self.fc2_bias)
 
-        qkv = torch.baddbmm(qkv_b, x, qkv_w)  # (E', T, 3D)
-        packed = qkv.new_zeros(experts * grid.slots, 3 * hidden)
-        packed.index_copy_(0, grid.index, qkv.view(-1, 3 * hidden))  # (E' * slots, 3D)
-        q, k, v = packed.view(-1, grid.length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        logits = torch.matmul(q, k.transpose(-2, -1)).mul_(head_dim ** -0.5)  # (S, H, L, L)
-        logits.masked_fill_(~grid.attend, torch.finfo(logits.dtype).min)
-        attention = self.attn_drop(logits.softmax(dim=-1))
-        # Every gathered query is itself a valid key, so none of them has an empty row; rows of
-        # unused slots are finite and never gathered. (reference.py zeroes empty rows explicitly.)
-        z = (attention @ v).transpose(1, 2).reshape(-1, hidden)  # (E' * slots, D)
-        z = z.index_select(0, grid.index).view(experts, tokens, hidden)  # (E', T, D)
-        h = self.drop(F.gelu(torch.baddbmm(fc1_b, z, fc1_w)))
-        return self.drop(torch.baddbmm(fc2_b, h, fc2_w)).add_(z)  # z + MLP(z)
+
+class Expert(nn.Module):
+    """One modality expert: `depth` layers, x <- x + layer(x), no LayerNorm (SPEC §4.2)."""
+
+    def __init__(self, *, depth: int, hidden: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ExpertLayer(hidden=hidden, mlp_ratio=mlp_ratio)
+                                    for _ in range(depth))
 
 
 @dataclass
@@ -138,21 +125,48 @@ class StreamGrid:
     length: int
     index: Tensor  # (E' * T,) grid position of every token, offset by expert
     attend: Tensor  # (S, 1, L, L) bool, S = E' * slots / L: query i may attend to key j
-    experts: Tensor | None  # which of the E experts run, or None for all of them in order
 
 
 class Experts(nn.Module):
-    """E modality experts of `depth` layers each: x <- x + layer(x), no LayerNorm (SPEC §4.2)."""
+    """The E modality experts, run together: layer l of every expert that is in use is one
+    batched matmul over the experts' stacked weights. Only the experts in use are stacked, so an
+    expert that sees no token gets no gradient (and Adam leaves it alone), as with separate
+    modules."""
 
-    def __init__(self, *, experts: int, depth: int, **layer_options: float) -> None:
+    def __init__(self, *, depth: int, hidden: int, num_heads: int, mlp_ratio: float,
+                 drop_rate: float, attn_drop_rate: float) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(ExpertLayer(experts=experts, **layer_options)
-                                    for _ in range(depth))
+        self.experts = nn.ModuleDict({m: Expert(depth=depth, hidden=hidden, mlp_ratio=mlp_ratio)
+                                      for m in MODALITIES})
+        self.depth, self.num_heads = depth, num_heads
+        self.attn_drop = Dropout(attn_drop_rate)
+        self.drop = Dropout(drop_rate)
 
-    def forward(self, x: Tensor, grid: StreamGrid) -> Tensor:
-        for layer in self.layers:
-            x = x + layer(x, grid)
+    def forward(self, x: Tensor, grid: StreamGrid, experts: list[str]) -> Tensor:
+        """x (E', T, D): the tokens of `experts` (in that order) -> (E', T, D)."""
+        for depth in range(self.depth):
+            layers = [self.experts[e].layers[depth] for e in experts]
+            weights = [torch.stack(w) for w in zip(*(layer.weights() for layer in layers))]
+            x = x + self._layer(x, grid, *weights)
         return x
+
+    def _layer(self, x: Tensor, grid: StreamGrid, qkv_w: Tensor, qkv_b: Tensor, fc1_w: Tensor,
+               fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
+        experts, tokens, hidden = x.shape  # (E', T, D)
+        heads, head_dim = self.num_heads, hidden // self.num_heads
+        qkv = torch.baddbmm(qkv_b, x, qkv_w)  # (E', T, 3D)
+        packed = qkv.new_zeros(experts * grid.slots, 3 * hidden)
+        packed.index_copy_(0, grid.index, qkv.view(-1, 3 * hidden))  # (E' * slots, 3D)
+        q, k, v = packed.view(-1, grid.length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        logits = torch.matmul(q, k.transpose(-2, -1)).mul_(head_dim ** -0.5)  # (S, H, L, L)
+        logits.masked_fill_(~grid.attend, torch.finfo(logits.dtype).min)
+        attention = self.attn_drop(logits.softmax(dim=-1))
+        # Every gathered query is itself a valid key, so none of them has an empty row; rows of
+        # unused slots are finite and never gathered. (reference.py zeroes empty rows explicitly.)
+        z = (attention @ v).transpose(1, 2).reshape(-1, hidden)  # (E' * slots, D)
+        z = z.index_select(0, grid.index).view(experts, tokens, hidden)  # (E', T, D)
+        h = self.drop(F.gelu(torch.baddbmm(fc1_b, z, fc1_w)))
+        return self.drop(torch.baddbmm(fc2_b, h, fc2_w)).add_(z)  # z + MLP(z)
 
 
 class SoftRouter(nn.Module):
@@ -177,7 +191,7 @@ class MoMKE(nn.Module):
         self.projections = nn.ModuleDict({m: nn.Linear(d, D)
                                           for m, d in zip(MODALITIES, config.input_dims)})
         self.input_drop = Dropout(config.drop_rate)
-        self.experts = Experts(experts=E, depth=config.depth, hidden=D, num_heads=config.num_heads,
+        self.experts = Experts(depth=config.depth, hidden=D, num_heads=config.num_heads,
                                mlp_ratio=config.mlp_ratio, drop_rate=config.drop_rate,
                                attn_drop_rate=config.attn_drop_rate)
         self.unimodal_heads = nn.ModuleDict({m: nn.Linear(D, C) for m in MODALITIES})
@@ -265,15 +279,13 @@ class MoMKE(nn.Module):
         if spare:
             same = torch.cat([same, same.new_zeros(1, layout.length, layout.length)])
         attend = key_valid.view(len(experts), -1, 1, layout.length) & same  # (E', G*R+spare, L, L)
-        selected = None if experts == list(MODALITIES) else torch.tensor(
-            [MODALITIES.index(e) for e in experts], device=device)
         grid = StreamGrid(slots, layout.length, torch.cat(index),
-                          attend.view(-1, 1, layout.length, layout.length), selected)
+                          attend.view(-1, 1, layout.length, layout.length))
         if all(routes[e] == routes[experts[0]] for e in experts):
             stacked = inputs[0].expand(len(experts), -1, -1)  # the same tokens for every expert
         else:
             stacked = torch.stack(inputs)
-        out = self.experts(stacked, grid)  # (E', T, D)
+        out = self.experts(stacked, grid, experts)  # (E', T, D)
         results = {}
         for k, e in enumerate(experts):
             start = 0
@@ -286,23 +298,14 @@ class MoMKE(nn.Module):
     # ------------------------------------------------------------------ stage-1 -> stage-2 hand-over
 
     def modality_state(self, m: str) -> dict[str, Tensor]:
-        """A real copy of modality m's projection and expert m (its slice of every stacked weight)."""
-        e = MODALITIES.index(m)
-        state = {f"projections.{m}.{k}": v.detach().clone()
-                 for k, v in self.projections[m].state_dict().items()}
-        for name, value in self.experts.state_dict().items():
-            state[f"experts.{name}"] = value[e].detach().clone()
-        return state
+        """A real copy of modality m's projection and of expert m."""
+        return {name: value.detach().clone() for name, value in self.state_dict().items()
+                if name.startswith((f"projections.{m}.", f"experts.experts.{m}."))}
 
     def load_modality_state(self, m: str, state: Mapping[str, Tensor]) -> None:
         """Set modality m's projection and expert m to `state` through `load_state_dict`."""
-        e = MODALITIES.index(m)
         full = {k: v.clone() for k, v in self.state_dict().items()}
-        for name, value in state.items():
-            if name.startswith("experts."):
-                full[name][e] = value
-            else:
-                full[name] = value.clone()
+        full.update({name: value.clone() for name, value in state.items()})
         self.load_state_dict(full)
 
     def expert_parameters(self) -> list[nn.Parameter]:

@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dataloader.datasets import get_spec  # noqa: E402
-from MoMKE.report import (METRIC_NAMES, PERCENT_METRICS, Row, cell,  # noqa: E402
-                          published_value)
+from MoMKE.tables import (METRIC_NAMES, PERCENT_METRICS, Row, cell,  # noqa: E402
+                          published_value, router_table, variant)
 from MoMKE.selection import RULE_LABELS, RULES  # noqa: E402
 
 RULE_STYLE = {"best_test": "tab:red", "best_val": "tab:blue", "last": "tab:gray"}
@@ -28,9 +28,13 @@ def _title(dataset: str, source: str, what: str) -> str:
     return f"{dataset} ({data}): {what}"
 
 
-def plot_group(key: tuple[str, str, str], rows: list[Row], out: Path, prefix: str) -> list[Path]:
+def plot_group(key: tuple[str, str, str], results: list[dict], rows: list[Row], out: Path,
+               prefix: str) -> list[Path]:
     dataset, source, _ = key
     written = []
+    routers = router_table([r for r in results if variant(r) == "MoMKE"])
+    if routers:
+        written.append(_router_heatmap(dataset, source, routers, out / f"{prefix}_router.png"))
     rate_rows = [r for r in rows if r.protocol == "random" and r.key is not None]
     if len(rate_rows) > 1:
         for metric in get_spec(dataset).metrics:
@@ -96,6 +100,25 @@ def _condition_plot(dataset: str, source: str, rows: list[Row], path: Path) -> P
         axis.set_title(_title(dataset, source, METRIC_NAMES[metric]), fontsize=9)
         axis.grid(axis="y", alpha=0.3)
         axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _router_heatmap(dataset: str, source: str, routers: dict, path: Path) -> Path:
+    labels = [f"{c}: {m}" for c, by_m in routers.items() for m in by_m]
+    weights = np.array([w for by_m in routers.values() for w in by_m.values()])
+    figure, axis = plt.subplots(figsize=(4.5, 0.35 * len(labels) + 1.5))
+    image = axis.imshow(weights, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for (i, j), value in np.ndenumerate(weights):
+        axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                  color="white" if value < 0.6 else "black")
+    axis.set_xticks(range(3), ["expert a", "expert t", "expert v"])
+    axis.set_yticks(range(len(labels)), labels, fontsize=7)
+    axis.set_ylabel("condition: modality whose router it is")
+    axis.set_title(_title(dataset, source, "mean router weights (test, last epoch)"), fontsize=8)
+    figure.colorbar(image, ax=axis, label="weight (fraction)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

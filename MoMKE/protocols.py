@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from MoMKE.masks import (condition_availability, evaluation_generator, random_availability)
+from MoMKE.masks import (CONDITIONS, MAX_RATE, RATES, condition_availability,
+                          evaluation_generator, random_availability)
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,22 @@ class MissingSetting:
         random one (so one stage 1 serves all seven conditions and the unified model)."""
         return f"rate={self.rate}" if self.protocol == "random" else "complete"
 
-    def training_availability(self, stage: int, utterances: int,
+    def training_availability(self, stage: int, lengths: list[int],
                               generator: torch.Generator) -> Tensor:
-        """(utterances, M) bool for one training batch."""
+        """(utterances, M) bool for one training batch of conversations of these `lengths`."""
+        utterances = sum(lengths)
         if self.protocol == "random":
             return random_availability(utterances, self.rate, generator)
-        return condition_availability("atv" if stage == 1 else self.condition, utterances)
+        if self.protocol == "fixed" or stage == 1:
+            return condition_availability("atv" if stage == 1 else self.condition, utterances)
+        return torch.cat([self._unified_conversation(length, generator) for length in lengths])
+
+    def _unified_conversation(self, length: int, generator: torch.Generator) -> Tensor:
+        if self.mix == "any+rates" and torch.rand(1, generator=generator).item() < 0.5:
+            rate = MAX_RATE * torch.rand(1, generator=generator).item()
+            return random_availability(length, rate, generator)
+        condition = CONDITIONS[int(torch.randint(len(CONDITIONS), (1,), generator=generator))]
+        return condition_availability(condition, length)
 
     def evaluation_availability(self, stage: int, utterances: int, *, seed: int, fold: int,
                                 split: str) -> Tensor:
@@ -55,6 +66,15 @@ class MissingSetting:
             return random_availability(utterances, self.rate,
                                        evaluation_generator(seed, fold, split, self.rate))
         return condition_availability("atv" if stage == 1 else self.condition, utterances)
+
+    def evaluation_settings(self, stage: int) -> list[MissingSetting]:
+        """What an epoch is evaluated on: the run's own setting, or for the unified model in
+        stage 2 every condition and every rate (the per-condition runs' own masks)."""
+        if self.protocol != "unified":
+            return [self]
+        if stage == 1:
+            return [MissingSetting("fixed", condition="atv")]  # stage 1 sees complete data
+        return settings_from(list(CONDITIONS), list(RATES))
 
 
 def settings_from(conditions: list[str], rates: list[float],

@@ -57,16 +57,16 @@ def reference_forward(model: MoMKE, features: Mapping[str, Tensor], available: T
 
 def _expert(model: MoMKE, e: int, x: Tensor, key_mask: Tensor) -> Tensor:
     """Expert e over a padded (B, L, D) sequence whose valid keys are `key_mask` (B, L)."""
-    for layer in model.experts.layers:
-        x = x + _layer(layer, e, x, key_mask)
+    for layer in model.experts.experts[MODALITIES[e]].layers:
+        x = x + _layer(model, layer, x, key_mask)
     return x
 
 
-def _layer(layer, e: int, x: Tensor, key_mask: Tensor) -> Tensor:
+def _layer(model: MoMKE, layer, x: Tensor, key_mask: Tensor) -> Tensor:
     batch, length, hidden = x.shape
-    heads = layer.num_heads
+    heads = model.experts.num_heads
     head_dim = hidden // heads
-    w, b = layer.qkv_weight[e], layer.qkv_bias[e, 0]
+    w, b = layer.qkv_weight, layer.qkv_bias[0]
     q, k, v = (x @ w[:, j * hidden:(j + 1) * hidden] + b[j * hidden:(j + 1) * hidden]
                for j in range(3))  # separate q, k, v projections, (B, L, D) each
     split = lambda t: t.view(batch, length, heads, head_dim).transpose(1, 2)  # noqa: E731
@@ -74,9 +74,9 @@ def _layer(layer, e: int, x: Tensor, key_mask: Tensor) -> Tensor:
     logits = (q @ k.transpose(-2, -1)) * head_dim ** -0.5
     keys = key_mask[:, None, None, :]  # (B, 1, 1, L)
     logits = logits.masked_fill(~keys, torch.finfo(logits.dtype).min)
-    attention = layer.attn_drop(logits.softmax(dim=-1))
+    attention = model.experts.attn_drop(logits.softmax(dim=-1))
     attention = attention * keys.any(dim=-1, keepdim=True)  # a query with no valid key gives zeros
     z = (attention @ v).transpose(1, 2).reshape(batch, length, hidden)
-    h = F.gelu(z @ layer.fc1_weight[e] + layer.fc1_bias[e, 0])
-    h = layer.drop(h) @ layer.fc2_weight[e] + layer.fc2_bias[e, 0]
-    return z + layer.drop(h)
+    h = F.gelu(z @ layer.fc1_weight + layer.fc1_bias[0])
+    h = model.experts.drop(h) @ layer.fc2_weight + layer.fc2_bias[0]
+    return z + model.experts.drop(h)

@@ -5,13 +5,15 @@ then stage 2 on every fold. `--help` lists every flag.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,7 +26,8 @@ from MoMKE.ablations import variant_name
 from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, experiment_hash, read_result, run_folder,
                           setup_console_logging)
 from MoMKE.runtime import resolve_device, source_version
-from MoMKE.selection import RULE_LABELS, fold_summary, mean_over_folds
+from MoMKE.masks import CONDITIONS
+from MoMKE.selection import RULE_LABELS, fold_summary, mean_over_folds, mean_router
 from MoMKE.trainer import FoldTrainer, model_config_for
 
 log = logging.getLogger("MoMKE")
@@ -63,7 +66,8 @@ def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
     try:
         log.info("run %s %s seed %d -> %s [%s]", config.dataset, setting.name, config.seed,
                  folder.path, header)
-        result = _train_folds(config, data, setting, device, folder)
+        with torch_threads(config.threads):
+            result = _train_folds(config, data, setting, device, folder)
         folder.write_result(result)
         _log_result(result, data)
         return result
@@ -75,9 +79,24 @@ def train_stage1(config: TrainConfig, data: MultimodalDataset, setting: MissingS
                  device: torch.device) -> None:
     """Train (or find cached) the stage 1 of every fold of `setting` without running stage 2:
     what a distributed sweep runs once before the runs that reuse it."""
-    for fold in [k - 1 for k in config.folds] if config.folds else range(len(data.folds)):
-        FoldTrainer(config, data, fold, setting, device, BatchBuilder(data, device)).stage1(
-            lambda record: None)
+    with torch_threads(config.threads):
+        for fold in [k - 1 for k in config.folds] if config.folds else range(len(data.folds)):
+            FoldTrainer(config, data, fold, setting, device, BatchBuilder(data, device)).stage1(
+                lambda record: None)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` torch CPU threads (0: as they are), then restore them. The
+    rounding of CPU float sums can depend on the thread count, so runs computed under different
+    executors agree to the bit only at the same count."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
@@ -94,8 +113,8 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
             trainer = FoldTrainer(config, data, fold, setting, device, builder)
             outcome = trainer.run(lambda record: _on_epoch(record, folder, progress, data),
                                   progress)
-        summary = fold_summary(outcome.records, data.spec.selection_metric)
-        summaries.append({"fold": fold + 1, "name": name, **summary})
+        summaries.append({"fold": fold + 1, "name": name,
+                          **_summaries(outcome.records, data, setting)})
         seconds.append(outcome.seconds)
         handovers.append(outcome.handover)
         reused.append(outcome.stage1_reused)
@@ -110,8 +129,7 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
         "dataset": data.spec.name, "protocol": setting.protocol, "condition": setting.condition,
         "missing_rate": setting.rate, "seed": config.seed, "setting": setting.name,
         "selection_metric": data.spec.selection_metric, "units": "fraction (0.8123 = 81.23 %)",
-        "rules": RULE_LABELS,
-        "test": mean_over_folds(summaries), "folds": summaries,
+        "rules": RULE_LABELS, **_aggregate(summaries, setting),
         "handover": handovers, "stage1_reused": reused,
         "seconds": {"total": time.perf_counter() - started,
                     "stage1": sum(s["stage1"] for s in seconds),
@@ -125,6 +143,32 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
         "base_experiment": experiment_hash(config, ignore=VARIANT_FIELDS),
         "source_version": source_version(),
     }
+
+
+def _summaries(records: list[dict], data: MultimodalDataset, setting: MissingSetting) -> dict:
+    """One fold's selected epochs; for the unified model, per condition and rate evaluated."""
+    metric = data.spec.selection_metric
+    if setting.protocol != "unified":
+        return fold_summary(records, metric)
+    views = [s.name for s in setting.evaluation_settings(stage=2)]
+    return {"evaluations": {view: fold_summary(records, metric, view) for view in views}}
+
+
+def _aggregate(folds: list[dict], setting: MissingSetting) -> dict:
+    """Means over folds; the unified model's `test` is the mean over the seven conditions."""
+    if setting.protocol != "unified":
+        return {"test": mean_over_folds(folds), "router": mean_router(folds), "folds": folds}
+    views = list(folds[0]["evaluations"])
+    evaluations = {}
+    for view in views:
+        per_fold = [f["evaluations"][view] for f in folds]
+        evaluations[view] = {"test": mean_over_folds(per_fold), "router": mean_router(per_fold)}
+    conditions = [evaluations[f"fixed-{c}"]["test"] for c in CONDITIONS]
+    test = {rule: None if any(c[rule] is None for c in conditions) else
+            {k: float(np.mean([c[rule][k] for c in conditions])) for k in conditions[0][rule]}
+            for rule in RULE_LABELS}
+    return {"test": test, "test_scope": "mean over the seven fixed conditions",
+            "evaluations": evaluations, "folds": folds}
 
 
 def _on_epoch(record: dict, folder: RunFolder, progress: tqdm, data: MultimodalDataset) -> None:
@@ -145,6 +189,9 @@ def _epoch_line(record: dict, data: MultimodalDataset) -> str:
         if record["stage"] == 1:
             values = " ".join(f"{m}:{scores[m][metric]:.3f}" for m in "atv" if m in scores)
             parts.append(f"{split} {metric} {values} loss {scores['loss']:.3f}")
+        elif "loss" not in scores:  # unified model: one evaluation per condition and rate
+            mean = np.mean([scores[f"fixed-{c}"][metric] for c in CONDITIONS])
+            parts.append(f"{split} {metric} {mean:.4f} (mean of the 7 conditions)")
         else:
             parts.append(f"{split} {metric} {scores[metric]:.4f} loss {scores['loss']:.3f}")
     suffix = " (stage 1 reused)" if record.get("reused_stage1") else \
@@ -155,6 +202,8 @@ def _epoch_line(record: dict, data: MultimodalDataset) -> str:
 def _log_result(result: dict, data: MultimodalDataset) -> None:
     metrics = data.spec.metrics
     scope = "mean over folds, " if len(result["folds"]) > 1 else ""
+    if "test_scope" in result:
+        scope += result["test_scope"] + ", "
     log.info("result %s %s seed %d [%s data, test split, %svalues as fractions]:",
              result["dataset"], result["setting"], result["seed"], data.data_source, scope)
     for rule, label in RULE_LABELS.items():

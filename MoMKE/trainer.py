@@ -22,6 +22,7 @@ from dataloader.gcnet import MultimodalDataset
 from MoMKE.ablations import has_stage1, model_options
 from MoMKE.config import TrainConfig
 from MoMKE.losses import task_loss
+from MoMKE.masks import CONDITIONS
 from MoMKE.metrics import task_metrics
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE
 from MoMKE.protocols import MissingSetting
@@ -59,7 +60,7 @@ class FoldTrainer:
         self.regression = data.spec.is_regression
         self.splits = {"train": list(data.folds[fold].train), "val": list(data.folds[fold].val),
                        "test": list(data.folds[fold].test)}
-        self._eval_batches: dict[tuple[str, int], list[Batch]] = {}
+        self._eval_batches: dict[tuple[str, str, int], list[Batch]] = {}
         fold_seed = config.seed + 1000 * fold
         torch.manual_seed(fold_seed)  # initialisation and dropout
         self.generator = torch.Generator().manual_seed(fold_seed + 1)  # data order, train masks
@@ -108,20 +109,30 @@ class FoldTrainer:
         """Experts mixing training; returns all records and the selected checkpoint."""
         config = self.config
         records = list(records)
+        if config.ablation == "frozen-experts":
+            for parameter in self.model.expert_parameters():
+                parameter.requires_grad_(False)  # Adam skips parameters without gradients
         best_val, checkpoint = -np.inf, None
-        selection = self.data.spec.selection_metric
         for epoch in range(config.stage_epochs + 1, config.epochs + 1):
             record = self._epoch(2, epoch, on_epoch, progress)
             records.append(record)
             if config.save_checkpoint and self.splits["val"] \
-                    and record["val"][selection] > best_val:
-                best_val = record["val"][selection]
+                    and self._validation_score(record) > best_val:
+                best_val = self._validation_score(record)
                 checkpoint = {"state": self._copy_weights(checkpoint), "epoch": epoch,
                               "rule": "best_val"}
         if config.save_checkpoint and not self.splits["val"]:
             checkpoint = {"state": self._copy_weights(None), "epoch": config.epochs,
                           "rule": "last"}
         return records, checkpoint
+
+    def _validation_score(self, record: dict) -> float:
+        """The checkpoint criterion: the selection metric on validation (for the unified model,
+        its mean over the seven fixed conditions)."""
+        metric = self.data.spec.selection_metric
+        if self.setting.protocol != "unified":
+            return record["val"][metric]
+        return float(np.mean([record["val"][f"fixed-{c}"][metric] for c in CONDITIONS]))
 
     def _copy_weights(self, previous: dict | None) -> dict[str, torch.Tensor]:
         """A real copy of the model's weights, reusing the buffers of the previous copy."""
@@ -179,7 +190,7 @@ class FoldTrainer:
         for start in range(0, len(order), config.batch_size):
             conversations = [self.splits["train"][i] for i in order[start:start + config.batch_size]]
             available = self.setting.training_availability(
-                stage, self.builder.utterance_count(conversations), self.generator)
+                stage, self.builder.lengths[conversations].tolist(), self.generator)
             batch = self.builder.build(conversations, available)
             with autocast(self.device, config.amp):
                 output = model(batch.packed_features(), batch.layout, stage)
@@ -191,21 +202,29 @@ class FoldTrainer:
 
     @torch.inference_mode()
     def _evaluate(self, split: str, stage: int) -> dict:
+        """Metrics of `split` under the run's setting; for the unified model in stage 2, a dict
+        of such metrics keyed by every condition and rate it is evaluated on."""
         self.model.eval()
-        collected = _Collector(stage)
-        for batch in self._evaluation_batches(split, stage):
-            with autocast(self.device, self.config.amp):
-                output = self.model(batch.packed_features(), batch.layout, stage)
-            collected.add(output, batch, self.regression)
-        return collected.metrics(self.regression)
+        results = {}
+        for setting in self.setting.evaluation_settings(stage):
+            collected = _Collector(stage)
+            for batch in self._evaluation_batches(split, stage, setting):
+                with autocast(self.device, self.config.amp):
+                    output = self.model(batch.packed_features(), batch.layout, stage)
+                collected.add(output, batch, self.regression)
+            results[setting.name] = collected.metrics(self.regression)
+        if self.setting.protocol == "unified" and stage == 2:
+            return results
+        return next(iter(results.values()))
 
-    def _evaluation_batches(self, split: str, stage: int) -> list[Batch]:
-        """Built once per split and stage: the evaluation masks stay fixed across epochs."""
-        kind = stage if self.setting.protocol == "fixed" else 0  # random: same masks both stages
-        if (split, kind) not in self._eval_batches:
+    def _evaluation_batches(self, split: str, stage: int, setting: MissingSetting) -> list[Batch]:
+        """Built once per split, setting and stage: evaluation masks stay fixed across epochs."""
+        kind = stage if setting.protocol == "fixed" else 0  # random: the same masks both stages
+        key = (split, setting.name, kind)
+        if key not in self._eval_batches:
             conversations = self.splits[split]
             lengths = self.data.lengths()[conversations]
-            available = self.setting.evaluation_availability(
+            available = setting.evaluation_availability(
                 stage, int(lengths.sum()), seed=self.config.seed, fold=self.fold, split=split)
             bounds = np.concatenate([[0], np.cumsum(lengths)])
             batches, size = [], self.config.batch_size
@@ -213,8 +232,8 @@ class FoldTrainer:
                 stop = min(start + size, len(conversations))
                 batches.append(self.builder.build(conversations[start:stop],
                                                   available[bounds[start]:bounds[stop]]))
-            self._eval_batches[split, kind] = batches
-        return self._eval_batches[split, kind]
+            self._eval_batches[key] = batches
+        return self._eval_batches[key]
 
     # ------------------------------------------------------------------ stage-1 reuse
 
@@ -235,12 +254,14 @@ class FoldTrainer:
 
 
 class _Collector:
-    """Losses and detached predictions of one pass, turned into metrics once at the end."""
+    """Losses, detached predictions and router weights of one pass, turned into metrics once."""
 
     def __init__(self, stage: int) -> None:
         self.stage = stage
         self.outputs: dict[str, list[torch.Tensor]] = {}
         self.targets: dict[str, list[torch.Tensor]] = {}
+        self.router_sums: dict[str, torch.Tensor] = {}
+        self.router_counts: dict[str, int] = {}
         self.loss_sum: torch.Tensor | float = 0.0
         self.tokens = 0
 
@@ -257,6 +278,10 @@ class _Collector:
         for name, (prediction, target) in pairs.items():
             self.outputs.setdefault(name, []).append(prediction.detach())
             self.targets.setdefault(name, []).append(target)
+        for m, weights in output.router_weights.items():  # (N_m, E): which expert m leans on
+            total = weights.detach().float().sum(dim=0)
+            self.router_sums[m] = self.router_sums[m] + total if m in self.router_sums else total
+            self.router_counts[m] = self.router_counts.get(m, 0) + weights.shape[0]
         return loss
 
     def metrics(self, regression: bool) -> dict:
@@ -267,4 +292,7 @@ class _Collector:
             result[name] = task_metrics(outputs, targets, regression=regression)
         result = result.pop("fused") if self.stage == 2 else result
         result["loss"] = float(self.loss_sum) / max(self.tokens, 1)
+        if self.router_sums:  # mean router weight per modality over its observed utterances
+            result["router"] = {m: (total / self.router_counts[m]).tolist()
+                                for m, total in self.router_sums.items()}
         return result

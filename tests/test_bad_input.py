@@ -15,7 +15,8 @@ from dataloader.gcnet import feature_names_from, load_dataset
 @pytest.fixture
 def mosi(tmp_path, tiny_root):
     """A private copy of the tiny CMU-MOSI set that a test may damage."""
-    shutil.copytree(tiny_root / "CMUMOSI", tmp_path / "CMUMOSI")
+    shutil.copytree(tiny_root / "CMUMOSI", tmp_path / "CMUMOSI",
+                    ignore=shutil.ignore_patterns(".cache"))
     return tmp_path
 
 

@@ -11,7 +11,8 @@ from dataloader.gcnet import load_dataset
 
 
 def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, tiny_root, caplog):
-    shutil.copytree(tiny_root / "CMUMOSI", tmp_path / "CMUMOSI")
+    shutil.copytree(tiny_root / "CMUMOSI", tmp_path / "CMUMOSI",
+                    ignore=shutil.ignore_patterns(".cache"))
     caplog.set_level("INFO")
     first = load_dataset("CMUMOSI", tmp_path)
     assert "read from files" in caplog.text
@@ -37,7 +38,8 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, tiny_root, 
 
 
 def test_a_damaged_cache_is_rebuilt(tmp_path, tiny_root):
-    shutil.copytree(tiny_root / "CMUMOSI", tmp_path / "CMUMOSI")
+    shutil.copytree(tiny_root / "CMUMOSI", tmp_path / "CMUMOSI",
+                    ignore=shutil.ignore_patterns(".cache"))
     first = load_dataset("CMUMOSI", tmp_path)
     cache = next((tmp_path / "CMUMOSI" / ".cache").iterdir())
     cache.write_bytes(cache.read_bytes()[:100])
