@@ -85,6 +85,10 @@ class TrainConfig:
     folds: list[int] | None = _option("comma list of folds to run, 1-based (default: all; "
                                       "IEMOCAP has 5 sessions)")
     device: str = _option("auto, cpu or cuda[:N]; auto takes CUDA when available", default="auto")
+    threads: int = _option("CPU threads of torch during a run (torch.set_num_threads); 0: torch's "
+                           "default, the machine's cores. Float rounding on the CPU can depend on "
+                           "it: compare runs at equal --threads (Ray runs default to "
+                           "--cpus-per-run)", default=0)
     amp: bool = _option("CUDA only: bfloat16 autocast (off by default; checked against fp32 in "
                         "tests)", default=False)
     output_dir: str = _option("where run folders are written", default="saved")
@@ -120,6 +124,9 @@ class TrainConfig:
         return out
 
     def _check(self) -> None:
+        if self.threads < 0:
+            raise ConfigError(f"--threads {self.threads} must be 0 (torch's default) or a "
+                              f"positive number of threads.")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "hidden": self.hidden,
                     "depth": self.depth, "num_heads": self.num_heads}
         for name, value in positive.items():

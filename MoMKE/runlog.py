@@ -33,7 +33,7 @@ from MoMKE.selection import json_safe
 log = logging.getLogger("MoMKE")
 
 # Settings that do not change what a run computes, left out of its folder name.
-_NOT_IN_IDENTITY = ("test_condition", "missing_rate", "seed", "device", "output_dir",
+_NOT_IN_IDENTITY = ("test_condition", "missing_rate", "seed", "device", "threads", "output_dir",
                     "save_checkpoint", "reuse_stage1", "force", "config")
 
 
