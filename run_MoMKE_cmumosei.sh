@@ -7,6 +7,7 @@
 # generated into features/synthetic/ and used: its numbers are SYNTHETIC and are labelled so.
 # Usage: sh run_MoMKE_cmumosei.sh [more MoMKE.train flags]; every variable below can be set from
 # the environment, e.g. EPOCHS=20 STAGE_EPOCHS=10 SEEDS="66 67 68" sh run_MoMKE_cmumosei.sh
+# In parallel on this machine's cores, its GPUs or a cluster: LAUNCHER=ray (README, On a cluster).
 set -eu
 cd "$(dirname "$0")"
 
@@ -28,6 +29,10 @@ NUM_HEADS=${NUM_HEADS:-2}
 DROP_RATE=${DROP_RATE:-0.5}
 ATTN_DROP_RATE=${ATTN_DROP_RATE:-0.0}
 DEVICE=${DEVICE:-auto}
+LAUNCHER=${LAUNCHER:-local}       # ray: every run a Ray task, in parallel (requirements-ray.txt)
+RAY_ADDRESS=${RAY_ADDRESS:-local} # with ray: local (this machine), auto, or host:port of a head
+CPUS_PER_RUN=${CPUS_PER_RUN:-1}   # with ray: CPUs (and torch threads) of each run
+GPUS_PER_RUN=${GPUS_PER_RUN:-0}   # with ray: GPUs of each run, e.g. 1 on a GPU box
 
 python -m MoMKE.sweep \
     --synthetic-fallback \
@@ -50,5 +55,9 @@ python -m MoMKE.sweep \
     --drop-rate "$DROP_RATE" \
     --attn-drop-rate "$ATTN_DROP_RATE" \
     --device "$DEVICE" \
+    --launcher "$LAUNCHER" \
+    --ray-address "$RAY_ADDRESS" \
+    --cpus-per-run "$CPUS_PER_RUN" \
+    --gpus-per-run "$GPUS_PER_RUN" \
     "$@"
 python -m MoMKE.report "$OUTPUT_DIR/CMUMOSEI"

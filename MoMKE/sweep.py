@@ -7,7 +7,9 @@ From: SPEC §7. The sweep plans a list of runs (one per seed and condition or ra
 whose run folder holds a complete result, and runs the rest; a run interrupted half-way has no
 `result.json` and is trained again from its start. Runs that share a stage 1 (every fixed
 condition of a seed; each rate of a seed) are planned next to each other, so the first trains it
-and the others reuse it from `<output-dir>/_stage1/`. The run scripts call this module.
+and the others reuse it from `<output-dir>/_stage1/`. The list runs in this process one run after
+another (`--launcher local`) or as Ray tasks (`--launcher ray`, `MoMKE/executors.py`), with the
+same files and the same numbers. The run scripts call this module.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import logging
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +30,7 @@ from dataloader.synthetic import generate
 from MoMKE import stage1_cache, train
 from MoMKE.ablations import ABLATIONS
 from MoMKE.config import ConfigError, TrainConfig, parse_config
+from MoMKE.executors import SweepSummary, import_ray, run_on_ray
 from MoMKE.protocols import MissingSetting, settings_from
 from MoMKE.runlog import read_result, run_folder, setup_console_logging
 from MoMKE.runtime import resolve_device
@@ -60,20 +63,6 @@ class RunSpec:
 
     def is_complete(self) -> bool:
         return read_result(self.folder) is not None
-
-
-@dataclass
-class SweepSummary:
-    trained: list[RunSpec] = field(default_factory=list)
-    skipped: list[RunSpec] = field(default_factory=list)
-    failed: list[tuple[RunSpec, str]] = field(default_factory=list)
-
-    def report(self) -> str:
-        lines = [f"sweep finished: {len(self.trained)} trained, {len(self.skipped)} complete "
-                 f"before, {len(self.failed)} failed"]
-        for run, error in self.failed:
-            lines.append(f"  FAILED {run.label}: {error} (log: {run.folder / 'run.log'})")
-        return "\n".join(lines)
 
 
 def plan(config: TrainConfig, seeds: Sequence[int], *, unified: str | None = None,
@@ -154,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic-fallback", action="store_true",
                         help="without real features under --data-root, generate and use the "
                              "synthetic set in <data-root>/synthetic (the run scripts set this)")
+    parser.add_argument("--launcher", choices=["local", "ray"], default="local",
+                        help="local: the runs one after another in this process (default); ray: "
+                             "each run a Ray task, in parallel (needs requirements-ray.txt)")
+    parser.add_argument("--ray-address", default="local",
+                        help="with --launcher ray: local (default: start a Ray instance on this "
+                             "machine with its cores), auto (join the cluster `ray start` began "
+                             "on this machine) or host:port of a cluster's head")
+    parser.add_argument("--cpus-per-run", type=float, default=1.0,
+                        help="with --launcher ray: CPUs each run asks for; also its torch "
+                             "threads unless --threads is given (default: 1)")
+    parser.add_argument("--gpus-per-run", type=float, default=0.0,
+                        help="with --launcher ray: GPUs each run asks for, e.g. 1 on a GPU box, "
+                             "0.5 for two runs per GPU (default: 0)")
+    parser.add_argument("--max-retries", type=int, default=3,
+                        help="with --launcher ray: times a run is retried when its worker process "
+                             "or node dies; a run's own error is never retried (default: 3)")
     return parser
 
 
@@ -163,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(train_args)
         seeds = _seeds(args.seeds, config.seed)
+        if args.launcher == "ray":
+            import_ray()  # say how to install it before anything else happens
         config = resolve_data_root(config, args.synthetic_fallback)
         runs = plan(config, seeds, unified=None if args.unified == "none" else args.unified,
                     ablations=_ablations(args.ablations))
@@ -172,11 +179,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("sweep: %d runs (%s)", len(runs), ", ".join(run.label for run in runs))
     started = time.perf_counter()
     try:
-        summary = run_locally(runs)
+        if args.launcher == "ray":
+            summary = run_on_ray(runs, address=args.ray_address, cpus_per_run=args.cpus_per_run,
+                                 gpus_per_run=args.gpus_per_run, max_retries=args.max_retries)
+        else:
+            summary = run_locally(runs)
     except (DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    log.info("%s in %.1f s", summary.report(), time.perf_counter() - started)
+    log.info("%s", summary.report(time.perf_counter() - started))
     return 1 if summary.failed else 0
 
 

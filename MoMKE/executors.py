@@ -1,0 +1,307 @@
+"""Run the sweep's list of runs as Ray tasks, on this machine or on a cluster; and the summary that
+every executor returns.
+
+From: issue 7. `MoMKE.sweep.plan` makes the list, `MoMKE.sweep.run_locally` runs it in-process one
+run after another, and `run_on_ray` runs the same list as Ray tasks:
+
+    stage-1 task   one per stage-1 group that two or more pending runs share: trains (or finds)
+                   stage 1 of every fold and caches it in <output-dir>/_stage1/
+    run task       one per pending run, given its group's stage-1 task as an argument, so Ray
+                   starts it only once that stage 1 is cached; runs of other groups and seeds
+                   start at once
+
+Each task loads the dataset itself (through the feature cache) and writes the same run folder as
+the local executor, so `python -m MoMKE.report` reads both alike. Faults: a task whose worker
+process dies is retried, at most `max_retries` times; an exception raised by the run itself is not
+(it would fail again): it is reported once, with its error. Ray is optional
+(requirements-ray.txt) and imported only when this executor is used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset
+from MoMKE import train
+from MoMKE.config import ConfigError, TrainConfig
+from MoMKE.protocols import MissingSetting
+from MoMKE.runlog import setup_console_logging
+from MoMKE.runtime import resolve_device
+
+if TYPE_CHECKING:
+    from MoMKE.sweep import RunSpec
+
+log = logging.getLogger("MoMKE")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+INSTALL_RAY = "python -m pip install -r requirements-ray.txt"
+
+
+@dataclass
+class SweepSummary:
+    """What an executor did with a list of runs: trained, complete before, failed (with error)."""
+
+    trained: list[RunSpec] = field(default_factory=list)
+    skipped: list[RunSpec] = field(default_factory=list)
+    failed: list[tuple[RunSpec, str]] = field(default_factory=list)
+
+    def report(self, seconds: float | None = None) -> str:
+        """The counts, then one line per run with its log file (or its error)."""
+        took = "" if seconds is None else f" in {seconds:.1f} s"
+        lines = [f"sweep finished{took}: {len(self.trained)} trained, {len(self.skipped)} "
+                 f"complete before, {len(self.failed)} failed"]
+        lines += [f"  trained  {run.label} (log: {run.folder / 'run.log'})" for run in self.trained]
+        lines += [f"  complete {run.label} (log: {run.folder / 'run.log'})" for run in self.skipped]
+        for run, error in self.failed:
+            log_file = run.folder / "run.log"
+            where = f"log: {log_file}" if log_file.is_file() else "no run log: it failed before " \
+                                                                  "its run started"
+            lines.append(f"  FAILED {run.label}: {error} ({where})")
+        return "\n".join(lines)
+
+
+def import_ray() -> Any:
+    """The `ray` module, or a ConfigError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(f"--launcher ray needs Ray, which is not installed; install it with "
+                          f"`{INSTALL_RAY}` or use --launcher local.") from None
+    return ray
+
+
+def run_on_ray(runs: Sequence[RunSpec], *, address: str = "local", cpus_per_run: float = 1,
+               gpus_per_run: float = 0, max_retries: int = 3) -> SweepSummary:
+    """Run every run of `runs` whose folder holds no complete result as a Ray task; return what
+    was trained, what was complete before and what failed.
+
+    address: "local" starts a Ray instance on this machine with its cores (and stops it at the
+    end), "auto" or "host:port" joins a running cluster; if this process is connected to Ray
+    already, that connection is used. Each task asks for `cpus_per_run` CPUs and `gpus_per_run`
+    GPUs and, unless the run sets --threads, uses as many torch threads as it has CPUs. The data
+    is loaded here once first, so bad input stops the sweep before anything is scheduled. The
+    sweep's working directory must exist at the same path on every node (relative --data-root
+    and --output-dir resolve against it in every task).
+    """
+    ray = import_ray()
+    _check_resources(cpus_per_run, gpus_per_run, max_retries, runs)
+    summary = SweepSummary()
+    pending = [run for run in runs if run.config.force or not run.is_complete()]
+    summary.skipped = [run for run in runs if run not in pending]
+    if not pending:
+        return summary
+    for config in {_data_key(run.config): run.config for run in pending}.values():
+        _load_data(config)  # refuses bad data now, and writes the feature cache the tasks read
+    threads = max(1, int(cpus_per_run))
+    connected_here = not ray.is_initialized()
+    if connected_here:
+        _connect(ray, address)
+    try:
+        _check_cluster(ray, cpus_per_run, gpus_per_run, pending,
+                       own_instance=address == "local")
+        options = dict(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries,
+                       retry_exceptions=False, runtime_env=_runtime_env())
+        runs_by_ref = _submit(ray, pending, options, threads)
+        _collect(ray, runs_by_ref, summary, max_retries)
+    finally:
+        if connected_here:
+            ray.shutdown()
+    summary.trained.sort(key=pending.index)
+    summary.failed.sort(key=lambda item: pending.index(item[0]))
+    return summary
+
+
+# ----------------------------------------------------------------------------- the tasks
+
+def train_stage1_task(config: TrainConfig, setting: MissingSetting, workdir: str) -> None:
+    """Ray task: train (or find cached) stage 1 of every fold of `setting`'s group."""
+    data, device = _task_setup(config, workdir)
+    train.train_stage1(config, data, setting, device)
+
+
+def train_run_task(config: TrainConfig, setting: MissingSetting, workdir: str,
+                   stage1: None) -> None:
+    """Ray task: train one run into its run folder. `stage1` is the group's stage-1 task (Ray
+    resolves it to None before this starts: it is here so that this task waits for it), or None
+    when the run trains its own stage 1."""
+    data, device = _task_setup(config, workdir)
+    train.run(config, data, setting, device)
+
+
+def _task_setup(config: TrainConfig, workdir: str) -> tuple[MultimodalDataset, torch.device]:
+    if not Path(workdir).is_dir():
+        raise FileNotFoundError(
+            f"node {socket.gethostname()} has no folder {workdir}: run the sweep from a folder "
+            f"that every node sees at the same path (README, 'On a cluster').")
+    os.chdir(workdir)
+    # Epoch lines go to run.log only; warnings and errors still reach the driver's console.
+    setup_console_logging(logging.WARNING)
+    return _load_data(config), resolve_device(config.device)
+
+
+# ----------------------------------------------------------------------------- the driver
+
+def _submit(ray: Any, pending: list[RunSpec], options: dict, threads: int) -> dict[Any, tuple]:
+    """Schedule the stage-1 tasks, then the runs; return {ObjectRef: (kind, run, stage1 ref)}."""
+    stage1_remote, run_remote = ray.remote(train_stage1_task), ray.remote(train_run_task)
+    workdir = os.getcwd()
+    groups: dict[str, list[RunSpec]] = {}
+    for run in pending:
+        if run.stage1_group is not None and run.config.reuse_stage1:
+            groups.setdefault(run.stage1_group, []).append(run)
+    refs: dict[Any, tuple] = {}
+    stage1_refs = {}
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue  # nobody to share it with: the run trains its own stage 1
+        first = members[0]
+        ref = stage1_remote.options(name=f"stage 1 of {first.label}", **options).remote(
+            _with_threads(first.config, threads), first.setting, workdir)
+        stage1_refs[key] = ref
+        refs[ref] = ("stage 1", first, None)
+    for run in pending:
+        stage1 = stage1_refs.get(run.stage1_group)
+        ref = run_remote.options(name=f"run {run.label}", **options).remote(
+            _with_threads(run.config, threads), run.setting, workdir, stage1)
+        refs[ref] = ("run", run, stage1)
+    log.info("ray: %d stage-1 task(s) and %d run task(s) scheduled", len(stage1_refs),
+             len(pending))
+    return refs
+
+
+@dataclass(frozen=True)
+class _Failure:
+    line: str  # the error in one line, as the summary shows it
+    detail: str  # what Ray reports: the remote traceback, or how the worker died
+
+
+def _collect(ray: Any, refs: dict[Any, tuple], summary: SweepSummary, max_retries: int) -> None:
+    """Wait for every task; file each run as trained or failed, logging each error once."""
+    failures: dict[Any, _Failure | None] = {}
+    waiting = list(refs)
+    total = sum(kind == "run" for kind, _, _ in refs.values())
+    started = time.perf_counter()
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1)
+        for ref in done:
+            kind, run, stage1 = refs[ref]
+            failure = _failure_of(ray, ref, failures, max_retries)
+            if kind == "stage 1":
+                if failure is not None:
+                    log.error("stage 1 of %s failed; the runs sharing it fail with it: %s",
+                              run.label, failure.detail)
+                continue
+            if failure is None:
+                summary.trained.append(run)
+            elif stage1 is not None and (shared := _failure_of(ray, stage1, failures,
+                                                                max_retries)) is not None:
+                summary.failed.append((run, f"its stage 1 failed: {shared.line}"))
+            else:
+                log.error("%s failed: %s", run.label, failure.detail)
+                summary.failed.append((run, failure.line))
+            log.info("[%d/%d] %s %s (%.0f s into the sweep)",
+                     len(summary.trained) + len(summary.failed), total, run.label,
+                     "done" if failure is None else "FAILED", time.perf_counter() - started)
+
+
+def _failure_of(ray: Any, ref: Any, failures: dict, max_retries: int) -> _Failure | None:
+    """None when the task behind `ref` succeeded, else its failure (memoised, so a stage-1
+    failure is read once however many runs wait on it)."""
+    if ref not in failures:
+        try:
+            ray.get(ref)
+            failures[ref] = None
+        except ray.exceptions.RayTaskError as error:  # the run's own exception: not retried
+            cause = error.cause
+            failures[ref] = _Failure(f"{type(cause).__name__}: {cause}", str(error))
+        except ray.exceptions.RayError as error:  # its worker or node died on every attempt
+            text = str(error).strip()
+            failures[ref] = _Failure(
+                f"{type(error).__name__} (retried {max_retries} time(s)): "
+                f"{text.splitlines()[0] if text else 'no detail'}", text)
+    return failures[ref]
+
+
+def _check_resources(cpus_per_run: float, gpus_per_run: float, max_retries: int,
+                     runs: Sequence[RunSpec]) -> None:
+    if cpus_per_run <= 0:
+        raise ConfigError(f"--cpus-per-run {cpus_per_run} must be positive, e.g. 1.")
+    if gpus_per_run < 0:
+        raise ConfigError(f"--gpus-per-run {gpus_per_run} must be 0 (CPU runs) or more.")
+    if max_retries < 0:
+        raise ConfigError(f"--max-retries {max_retries} must be 0 or more.")
+    numbered = next((run.config.device for run in runs if run.config.device.startswith("cuda:")),
+                    None)
+    if gpus_per_run > 0 and numbered is not None:
+        raise ConfigError(f"--device {numbered} names a GPU by number, but Ray gives each run "
+                          f"its own GPU (--gpus-per-run); use --device auto or cuda.")
+
+
+def _connect(ray: Any, address: str) -> None:
+    """ray.init, with a wrong address refused in one sentence (Ray itself retries a host:port
+    that does not answer for minutes)."""
+    if address not in ("local", "auto") and "://" not in address:
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except (OSError, ValueError):
+            raise ConfigError(f"--ray-address {address}: no Ray head answers there; start one "
+                              f"with `ray start --head --port PORT` or check the host:port."
+                              ) from None
+    try:
+        ray.init(address=address, include_dashboard=False)
+    except ConnectionError as error:
+        raise ConfigError(f"--ray-address {address}: {error}; start a cluster with `ray start "
+                          f"--head` or use --ray-address local (a head with token "
+                          f"authentication also needs RAY_AUTH_MODE=token and its token here: "
+                          f"RAY_AUTH_TOKEN or ~/.ray/auth_token).") from None
+
+
+def _check_cluster(ray: Any, cpus: float, gpus: float, runs: Sequence[RunSpec], *,
+                   own_instance: bool) -> None:
+    """Refuse (own instance) or warn (a cluster that may grow) when no node could run a task,
+    as such tasks would wait forever; warn when GPUs are there but not shared out."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if gpus == 0 and any(r.get("GPU", 0) for r in nodes) and any(
+            run.config.device != "cpu" for run in runs):
+        log.warning("the Ray cluster has GPUs but --gpus-per-run is 0: Ray does not share them "
+                    "out, so every run with --device auto or cuda takes its node's first GPU; "
+                    "give --gpus-per-run 1 (or 0.5, ...) or --device cpu.")
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        return
+    have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes)
+    message = (f"no Ray node has the {cpus:g} CPU(s) and {gpus:g} GPU(s) that one run asks for "
+               f"(nodes: {have or 'none'})")
+    if own_instance:
+        raise ConfigError(f"{message}; lower --cpus-per-run or --gpus-per-run.")
+    log.warning("%s; the runs wait until such a node joins the cluster.", message)
+
+
+def _runtime_env() -> dict:
+    """Tasks import this project from the driver's checkout (which must be at the same path on
+    every node), so every task runs the driver's code."""
+    paths = [str(PROJECT_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                   if p]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+
+
+def _with_threads(config: TrainConfig, threads: int) -> TrainConfig:
+    return config if config.threads else dataclasses.replace(config, threads=threads)
+
+
+def _data_key(config: TrainConfig) -> tuple:
+    return (config.dataset, config.data_root, config.audio_feature, config.text_feature,
+            config.video_feature)
+
+
+def _load_data(config: TrainConfig) -> MultimodalDataset:
+    return load_dataset(config.dataset, config.data_root, feature_names_from(
+        config.audio_feature, config.text_feature, config.video_feature))
