@@ -10,11 +10,12 @@ Notation
     H  attention heads                   C  outputs (classes, or 1 for regression)
     N  tokens: the observed, unpadded utterances of one modality in a batch, packed
 
-How it runs. Linear layers touch only real tokens: inputs are packed per modality (no compute on
-padding or on missing modalities, whose representations the SPEC zeroes anyway) and the E experts of
-a layer run as one batched matmul over stacked weights. Only attention, which needs the conversation
-structure, scatters tokens into a padded (conversation, utterance) grid and gathers them back.
-`MoMKE/reference.py` computes the same function the literal, padded way; tests hold the two equal.
+How it runs. Compute follows real tokens: each modality's observed utterances are packed into
+rows of L slots (several short conversations share a row; `TokenLayout`), so padding and missing
+modalities (whose representations the SPEC zeroes anyway) cost nothing but a few holes, and the
+experts of a layer run as one batched matmul over their stacked weights, with attention as a batch
+of L x L blocks restricted to each conversation. `MoMKE/reference.py` computes the same function
+the literal, padded way; tests hold the two equal, gradients included.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -112,26 +114,11 @@ class Expert(nn.Module):
                                     for _ in range(depth))
 
 
-@dataclass
-class StreamGrid:
-    """Where packed tokens (E', T) go in each expert's attention grid, and who may attend whom.
-
-    Expert e's grid holds `slots` = (G * R + spare) * L positions: for each of its G modality
-    groups the R packed rows of the batch (`TokenLayout.slots`), plus one spare row for filler
-    tokens when the experts' token counts differ (stage 1 under random masks).
-    """
-
-    slots: int
-    length: int
-    index: Tensor  # (E' * T,) grid position of every token, offset by expert
-    attend: Tensor  # (S, 1, L, L) bool, S = E' * slots / L: query i may attend to key j
-
-
 class Experts(nn.Module):
-    """The E modality experts, run together: layer l of every expert that is in use is one
-    batched matmul over the experts' stacked weights. Only the experts in use are stacked, so an
-    expert that sees no token gets no gradient (and Adam leaves it alone), as with separate
-    modules."""
+    """The E modality experts, run together on a packed token grid (E', S * L, D): layer l of
+    every expert in use is one batched matmul over the experts' stacked weights, and attention is
+    a (E' * S) batch of L x L blocks. Only the experts in use are stacked, so an expert that sees
+    no token gets no gradient (and Adam leaves it alone), as with separate modules."""
 
     def __init__(self, *, depth: int, hidden: int, num_heads: int, mlp_ratio: float,
                  drop_rate: float, attn_drop_rate: float) -> None:
@@ -142,29 +129,27 @@ class Experts(nn.Module):
         self.attn_drop = Dropout(attn_drop_rate)
         self.drop = Dropout(drop_rate)
 
-    def forward(self, x: Tensor, grid: StreamGrid, experts: list[str]) -> Tensor:
-        """x (E', T, D): the tokens of `experts` (in that order) -> (E', T, D)."""
+    def forward(self, x: Tensor, attend: Tensor, experts: list[str]) -> Tensor:
+        """x (E', S * L, D): the grids of `experts`, in that order; `attend` (E' * S, 1, L, L)."""
         for depth in range(self.depth):
             layers = [self.experts[e].layers[depth] for e in experts]
             weights = [torch.stack(w) for w in zip(*(layer.weights() for layer in layers))]
-            x = x + self._layer(x, grid, *weights)
+            x = x + self._layer(x, attend, *weights)
         return x
 
-    def _layer(self, x: Tensor, grid: StreamGrid, qkv_w: Tensor, qkv_b: Tensor, fc1_w: Tensor,
+    def _layer(self, x: Tensor, attend: Tensor, qkv_w: Tensor, qkv_b: Tensor, fc1_w: Tensor,
                fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
-        experts, tokens, hidden = x.shape  # (E', T, D)
+        experts, slots, hidden = x.shape  # (E', S * L, D)
+        length = attend.shape[-1]
         heads, head_dim = self.num_heads, hidden // self.num_heads
-        qkv = torch.baddbmm(qkv_b, x, qkv_w)  # (E', T, 3D)
-        packed = qkv.new_zeros(experts * grid.slots, 3 * hidden)
-        packed.index_copy_(0, grid.index, qkv.view(-1, 3 * hidden))  # (E' * slots, 3D)
-        q, k, v = packed.view(-1, grid.length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-        logits = torch.matmul(q, k.transpose(-2, -1)).mul_(head_dim ** -0.5)  # (S, H, L, L)
-        logits.masked_fill_(~grid.attend, torch.finfo(logits.dtype).min)
+        qkv = torch.baddbmm(qkv_b, x, qkv_w)  # (E', S * L, 3D)
+        q, k, v = qkv.view(-1, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # (E'S, H, L, hd)
+        logits = torch.matmul(q, k.transpose(-2, -1)).mul_(head_dim ** -0.5)  # (E'S, H, L, L)
+        logits.masked_fill_(~attend, torch.finfo(logits.dtype).min)
         attention = self.attn_drop(logits.softmax(dim=-1))
-        # Every gathered query is itself a valid key, so none of them has an empty row; rows of
-        # unused slots are finite and never gathered. (reference.py zeroes empty rows explicitly.)
-        z = (attention @ v).transpose(1, 2).reshape(-1, hidden)  # (E' * slots, D)
-        z = z.index_select(0, grid.index).view(experts, tokens, hidden)  # (E', T, D)
+        # Every real query is itself a valid key, so no real row is empty; hole rows (empty grid
+        # slots) stay finite and are never read out. (reference.py zeroes empty rows explicitly.)
+        z = (attention @ v).transpose(1, 2).reshape(experts, slots, hidden)  # (E', S * L, D)
         h = self.drop(F.gelu(torch.baddbmm(fc1_b, z, fc1_w)))
         return self.drop(torch.baddbmm(fc2_b, h, fc2_w)).add_(z)  # z + MLP(z)
 
@@ -251,49 +236,34 @@ class MoMKE(nn.Module):
 
     def _run_experts(self, projected: dict[str, Tensor], routes: dict[str, list[str]],
                      layout: TokenLayout) -> dict[tuple[str, str], Tensor]:
-        """Run every expert e over the tokens of the modalities `routes[e]`, all experts at once."""
+        """Run every expert e over the tokens of the modalities `routes[e]`, all experts at once.
+
+        Expert e's grid stacks the packed rows of its modalities (holes are zero); grids of
+        experts with fewer rows get empty rows at the end, which nothing attends to."""
+        L = layout.length
+        offsets = {e: dict(zip(routes[e], np.cumsum([0] + [layout.rows[m] for m in routes[e]])))
+                   for e in routes}  # row where modality m starts in expert e's grid
+        rows = max(sum(layout.rows[m] for m in mods) for mods in routes.values())
         experts = list(routes)
-        groups = max(len(mods) for mods in routes.values())
-        grid_rows = layout.rows * layout.length  # slots of one modality group
-        counts = [sum(projected[m].shape[0] for m in routes[e]) for e in experts]
-        tokens = max(counts)
-        spare = int(min(counts) < tokens)
-        slots = (groups * layout.rows + spare) * layout.length
-        device = layout.valid.device
-        inputs, index, key_valid = [], [], torch.zeros(len(experts) * slots, dtype=torch.bool,
-                                                       device=device)
-        for k, e in enumerate(experts):
-            position = torch.cat([g * grid_rows + layout.slots[m]
-                                  for g, m in enumerate(routes[e])]) + k * slots
-            key_valid[position] = True
-            x = torch.cat([projected[m] for m in routes[e]]) if len(routes[e]) > 1 \
-                else projected[routes[e][0]]
-            filler = tokens - counts[k]
-            if filler:  # park filler tokens in the spare row; nothing attends to them
-                x = torch.cat([x, x.new_zeros(filler, x.shape[1])])
-                spare_slots = torch.arange(filler, device=device) % layout.length
-                position = torch.cat([position, spare_slots + (k + 1) * slots - layout.length])
-            inputs.append(x)
-            index.append(position)
-        same = layout.same_conversation.repeat(groups, 1, 1)  # (G * R, L, L)
-        if spare:
-            same = torch.cat([same, same.new_zeros(1, layout.length, layout.length)])
-        attend = key_valid.view(len(experts), -1, 1, layout.length) & same  # (E', G*R+spare, L, L)
-        grid = StreamGrid(slots, layout.length, torch.cat(index),
-                          attend.view(-1, 1, layout.length, layout.length))
-        if all(routes[e] == routes[experts[0]] for e in experts):
-            stacked = inputs[0].expand(len(experts), -1, -1)  # the same tokens for every expert
-        else:
-            stacked = torch.stack(inputs)
-        out = self.experts(stacked, grid, experts)  # (E', T, D)
-        results = {}
-        for k, e in enumerate(experts):
-            start = 0
+
+        def grid(e: str) -> tuple[Tensor, Tensor]:
+            x = projected[routes[e][0]].new_zeros(rows * L, self.config.hidden)
+            attend = layout.attend[routes[e][0]].new_zeros(rows, L, L)
             for m in routes[e]:
-                n = projected[m].shape[0]
-                results[e, m] = out[k, start:start + n]
-                start += n
-        return results
+                start = int(offsets[e][m])
+                x.index_copy_(0, start * L + layout.slots[m], projected[m])
+                attend[start:start + layout.rows[m]] = layout.attend[m]
+            return x, attend
+
+        if all(routes[e] == routes[experts[0]] for e in experts):  # stage 2: the same grid for all
+            x, attend = grid(experts[0])
+            x, attend = x.expand(len(experts), -1, -1), attend.repeat(len(experts), 1, 1)
+        else:
+            grids = [grid(e) for e in experts]
+            x, attend = torch.stack([g[0] for g in grids]), torch.cat([g[1] for g in grids])
+        out = self.experts(x, attend.unsqueeze(1), experts)  # (E', S * L, D)
+        return {(e, m): out[k].index_select(0, int(offsets[e][m]) * L + layout.slots[m])
+                for k, e in enumerate(experts) for m in routes[e]}
 
     # ------------------------------------------------------------------ stage-1 -> stage-2 hand-over
 

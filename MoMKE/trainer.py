@@ -65,8 +65,10 @@ class FoldTrainer:
         torch.manual_seed(fold_seed)  # initialisation and dropout
         self.generator = torch.Generator().manual_seed(fold_seed + 1)  # data order, train masks
         self.model = MoMKE(model_config_for(config, data)).to(device)
+        # One Adam for both stages, as in the reference code; the fused kernel is the same update
+        # in one pass over the parameters instead of a dozen small operations per tensor.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
-                                          weight_decay=config.l2)
+                                          weight_decay=config.l2, fused=True)
 
     # ------------------------------------------------------------------ the two stages
 

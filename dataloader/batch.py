@@ -23,64 +23,78 @@ class TokenLayout:
 
     `observed[m]` are the flat positions b * L + l of the unpadded utterances where modality m is
     observed; `valid` those of all unpadded utterances; `valid_position[m]` locates each observed
-    token of m inside `valid`. For attention, conversations are packed into R rows of L slots
-    (first-fit, longest first; several short conversations share a row), so attention work follows
-    the real utterances instead of B padded rows: `slots[m]` are the tokens' positions r * L + j in
-    that packed grid and `same_conversation` (R, L, L) says which slots may attend to each other.
+    token of m inside `valid`. For attention, the observed utterances of m are packed into
+    `rows[m]` rows of L slots (each conversation's utterances of m contiguous and in order; several
+    short conversations share a row, first-fit, longest first), so the experts compute on real
+    tokens and a few holes instead of B padded rows: `slots[m]` is each token's position
+    r * L + j in that grid, and `attend[m]` (R_m, L, L) says which slots may attend to each other
+    (the same conversation, a real key).
     """
 
     batch: int
     length: int
-    rows: int
     observed: dict[str, Tensor]  # m -> (N_m,) long, sorted
     valid: Tensor  # (N,) long, sorted
     valid_position: dict[str, Tensor]  # m -> (N_m,) long
-    slots: dict[str, Tensor]  # m -> (N_m,) long, positions in the packed (R, L) grid
-    same_conversation: Tensor  # (R, L, L) bool
+    rows: dict[str, int]  # m -> R_m
+    slots: dict[str, Tensor]  # m -> (N_m,) long, positions in m's packed (R_m, L) grid
+    attend: dict[str, Tensor]  # m -> (R_m, L, L) bool
 
     @classmethod
     def from_masks(cls, available: Tensor, padding: Tensor) -> TokenLayout:
         """`available` (B, L, M) bool, True = observed; `padding` (B, L) bool, True = padded slot."""
         batch, length = padding.shape
-        real = ~padding
-        row_of, start_of, rows = _pack_rows((real.sum(dim=1)).tolist(), length)
-        packed = (torch.tensor(row_of)[:, None] * length + torch.tensor(start_of)[:, None]
-                  + torch.arange(length)[None, :]).reshape(-1)  # (B * L,), junk where padded
-        flat_real = real.reshape(-1)
+        flat_real = (~padding).reshape(-1)
         valid = flat_real.nonzero().squeeze(1)
-        observed = {m: (available[..., i].reshape(-1) & flat_real).nonzero().squeeze(1)
-                    for i, m in enumerate(MODALITIES)}
-        segment = torch.full((rows * length,), -1, dtype=torch.long)
-        segment[packed[valid]] = valid // length  # which conversation fills each packed slot
-        segment = segment.view(rows, length)
-        same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
-        return cls(batch, length, rows, observed, valid,
+        observed, rows, slots, attend = {}, {}, {}, {}
+        packings: dict[tuple[int, ...], tuple] = {}
+        for i, m in enumerate(MODALITIES):
+            present = available[..., i] & ~padding  # (B, L)
+            observed[m] = present.reshape(-1).nonzero().squeeze(1)
+            counts = tuple(present.sum(dim=1).tolist())
+            if counts not in packings:  # fixed conditions: every modality packs alike
+                packings[counts] = _packed_grid(counts, length)
+            rows[m], start, attend[m] = packings[counts]
+            conversation = observed[m] // length
+            rank = torch.cumsum(present.reshape(-1).long(), 0)[observed[m]] - 1 \
+                - present.sum(dim=1).cumsum(0).sub(present.sum(dim=1))[conversation]
+            slots[m] = start[conversation] + rank  # (N_m,) position within m's grid
+        return cls(batch, length, observed, valid,
                    {m: torch.searchsorted(valid, idx) for m, idx in observed.items()},
-                   {m: packed[idx] for m, idx in observed.items()}, same)
+                   rows, slots, attend)
 
     def to(self, device: torch.device | str) -> TokenLayout:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return TokenLayout(self.batch, self.length, self.rows,
+        return TokenLayout(self.batch, self.length,
                            {m: move(t) for m, t in self.observed.items()}, move(self.valid),
-                           {m: move(t) for m, t in self.valid_position.items()},
+                           {m: move(t) for m, t in self.valid_position.items()}, self.rows,
                            {m: move(t) for m, t in self.slots.items()},
-                           move(self.same_conversation))
+                           {m: move(t) for m, t in self.attend.items()})
 
     def count(self, m: str) -> int:
         return int(self.observed[m].shape[0])
 
 
-def _pack_rows(lengths: list[int], capacity: int) -> tuple[list[int], list[int], int]:
-    """First-fit decreasing: (row, start) of every sequence in rows of `capacity` slots."""
-    row_of, start_of = [0] * len(lengths), [0] * len(lengths)
+def _packed_grid(counts: tuple[int, ...], capacity: int) -> tuple[int, Tensor, Tensor]:
+    """Pack sequences of `counts` utterances into rows of `capacity` slots (first-fit,
+    longest first): (rows, start slot of each sequence, (rows, L, L) who-may-attend-whom)."""
+    start = [0] * len(counts)
     used: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, u in enumerate(used) if u + lengths[i] <= capacity), len(used))
+    for i in sorted(range(len(counts)), key=lambda i: -counts[i]):
+        if counts[i] == 0:
+            continue
+        row = next((r for r, u in enumerate(used) if u + counts[i] <= capacity), len(used))
         if row == len(used):
             used.append(0)
-        row_of[i], start_of[i] = row, used[row]
-        used[row] += lengths[i]
-    return row_of, start_of, len(used)
+        start[i] = row * capacity + used[row]
+        used[row] += counts[i]
+    rows = len(used)
+    segment = torch.full((rows * capacity,), -1, dtype=torch.long)
+    for i, n in enumerate(counts):
+        segment[start[i]:start[i] + n] = i
+    segment = segment.view(rows, capacity)
+    attend = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
+    return rows, torch.tensor(start, dtype=torch.long), attend
 
 
 @dataclass
