@@ -207,6 +207,20 @@ def test_a_run_that_fails_by_itself_is_reported_once_and_not_retried(ray_instanc
     assert len(attempts) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_failed_shared_stage1_fails_its_runs_with_its_error(ray_instance, tiny_root, tmp_path):
+    config = tiny_config(tiny_root, tmp_path / "saved", test_condition=["a", "t"], epochs=4,
+                         stage_epochs=2, hidden=8, depth=1, device="cuda")
+    runs = sweep.plan(config, [3])
+    summary = run_on_ray(runs, cpus_per_run=1)
+    error = "ValueError: --device cuda asks for CUDA, but this torch build sees no GPU; use " \
+            "--device cpu or auto."
+    assert [(r.label, e) for r, e in summary.failed] == [
+        (run.label, f"its stage 1 failed: {error}") for run in runs]
+    assert not summary.trained
+
+
 def test_resources_no_node_has_are_refused_instead_of_waiting(ray_instance, tiny_root,
                                                               tmp_path):
     runs = sweep.plan(tiny_config(tiny_root, tmp_path, epochs=4, stage_epochs=0), [3])
