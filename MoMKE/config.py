@@ -57,6 +57,10 @@ class TrainConfig:
                                      "IEMOCAP 16)")
     lr: float = _option("Adam learning rate, both stages", default=1e-4)
     l2: float = _option("Adam weight decay, both stages", default=1e-5)
+    chunk_utterances: int = _option(
+        "largest number of utterances run through the model at once: a batch with more is "
+        "split into chunks of whole conversations whose gradients add up to the batch's (the "
+        "same update, less memory)", default=512)
     expert_handover: str = _option(
         "stage-1 weights stage 2 starts from: best (each modality's best stage-1 epoch, the "
         "paper's intent) or last (what the released code effectively does)",
@@ -128,7 +132,8 @@ class TrainConfig:
             raise ConfigError(f"--threads {self.threads} must be 0 (torch's default) or a "
                               f"positive number of threads.")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "hidden": self.hidden,
-                    "depth": self.depth, "num_heads": self.num_heads}
+                    "depth": self.depth, "num_heads": self.num_heads,
+                    "chunk_utterances": self.chunk_utterances}
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {value} must be at least 1.")

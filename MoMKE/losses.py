@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def task_loss(predictions: Tensor, targets: Tensor, *, regression: bool) -> Tensor:
-    """Mean loss of `predictions` (N, C) against `targets` (N,); zero (with a graph) when N = 0."""
+def task_loss(predictions: Tensor, targets: Tensor, *, regression: bool,
+              reduction: str = "mean") -> Tensor:
+    """Loss of `predictions` (N, C) against `targets` (N,), `mean` or `sum` over the N tokens;
+    zero (with a graph) when N = 0."""
     if predictions.shape[0] == 0:
         return predictions.sum() * 0.0  # no token of this kind in the batch: contributes nothing
     if regression:
-        return F.mse_loss(predictions.squeeze(-1), targets)
-    return F.cross_entropy(predictions, targets)
+        return F.mse_loss(predictions.squeeze(-1), targets, reduction=reduction)
+    return F.cross_entropy(predictions, targets, reduction=reduction)

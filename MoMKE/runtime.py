@@ -6,6 +6,8 @@ pass in bfloat16 autocast on CUDA only; losses and metrics stay in float32.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import resource
 import subprocess
 import sys
@@ -62,3 +64,27 @@ def source_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
+
+
+@lru_cache(maxsize=1)
+def _glibc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if sys.platform != "linux" or name is None:
+        return None
+    try:
+        library = ctypes.CDLL(name)
+        library.malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+    return library
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    Each batch allocates tensors of slightly different sizes, and glibc keeps the freed blocks,
+    so a long run's resident memory creeps up epoch after epoch although the live memory does not;
+    trimming once per epoch keeps the peak at what one epoch needs."""
+    library = _glibc()
+    if library is not None:
+        library.malloc_trim(0)

@@ -26,7 +26,7 @@ from MoMKE.masks import CONDITIONS
 from MoMKE.metrics import task_metrics
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE
 from MoMKE.protocols import MissingSetting
-from MoMKE.runtime import autocast, peak_memory
+from MoMKE.runtime import autocast, peak_memory, release_free_memory
 from MoMKE import stage1_cache
 
 log = logging.getLogger("MoMKE")
@@ -162,6 +162,7 @@ class FoldTrainer:
             record[split] = self._evaluate(split, stage) if self.splits[split] else None
         if stage == 1:
             self._track_best_experts(record, epoch)
+        release_free_memory()
         record["seconds"] = time.perf_counter() - started
         record.update(peak_memory(self.device))
         on_epoch(record)
@@ -191,14 +192,20 @@ class FoldTrainer:
         collected = _Collector(stage)
         for start in range(0, len(order), config.batch_size):
             conversations = [self.splits["train"][i] for i in order[start:start + config.batch_size]]
-            available = self.setting.training_availability(
-                stage, self.builder.lengths[conversations].tolist(), self.generator)
-            batch = self.builder.build(conversations, available)
-            with autocast(self.device, config.amp):
-                output = model(batch.packed_features(), batch.layout, stage)
-            loss = collected.add(output, batch, self.regression)
+            lengths = self.builder.lengths[conversations].tolist()
+            available = self.setting.training_availability(stage, lengths, self.generator)
+            # The batch loss is a mean over all its tokens (per modality in stage 1): each chunk
+            # adds its share, so the summed gradient is the batch's, computed in less memory.
+            counts = {"fused": sum(lengths)} if stage == 2 else \
+                {m: int(available[:, i].sum()) for i, m in enumerate(MODALITIES)}
+            counts["batch"] = sum(lengths)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for first, last in _chunks(lengths, config.chunk_utterances):
+                rows = slice(sum(lengths[:first]), sum(lengths[:last]))
+                batch = self.builder.build(conversations[first:last], available[rows])
+                with autocast(self.device, config.amp):
+                    output = model(batch.packed_features(), batch.layout, stage)
+                collected.add(output, batch, self.regression, counts).backward()
             self.optimizer.step()
         return collected.metrics(self.regression)
 
@@ -255,6 +262,18 @@ class FoldTrainer:
             torch.cuda.set_rng_state(cached["rng_cuda"], self.device)
 
 
+def _chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive conversation ranges of at most `budget` utterances (at least one each)."""
+    ranges, first, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > first and total + n > budget:
+            ranges.append((first, i))
+            first, total = i, 0
+        total += n
+    ranges.append((first, len(lengths)))
+    return ranges
+
+
 class _Collector:
     """Losses, detached predictions and router weights of one pass, turned into metrics once."""
 
@@ -267,15 +286,23 @@ class _Collector:
         self.loss_sum: torch.Tensor | float = 0.0
         self.tokens = 0
 
-    def add(self, output, batch: Batch, regression: bool) -> torch.Tensor:
+    def add(self, output, batch: Batch, regression: bool,
+            counts: dict[str, int] | None = None) -> torch.Tensor:
+        """The loss of this batch's predictions: per prediction kind (fused, or each unimodal
+        head) the sum of token losses divided by `counts[kind]` (the whole batch's token count
+        when this is one chunk of it), or by this batch's own count when `counts` is None.
+        The logged loss is the mean of batch losses weighted by their utterances."""
         if self.stage == 1:
             pairs = {m: (output.unimodal[m], batch.targets(batch.layout.observed[m]))
                      for m in output.unimodal}
         else:
             pairs = {"fused": (output.fused, batch.targets(batch.layout.valid))}
-        loss = sum(task_loss(p.float(), t, regression=regression) for p, t in pairs.values())
+        loss = sum(task_loss(p.float(), t, regression=regression, reduction="sum")
+                   / max(counts[name] if counts else p.shape[0], 1)
+                   for name, (p, t) in pairs.items())
         tokens = batch.layout.valid.shape[0]
-        self.loss_sum = self.loss_sum + loss.detach() * tokens
+        whole = counts.get("batch", tokens) if counts else tokens  # utterances of the whole batch
+        self.loss_sum = self.loss_sum + loss.detach() * whole
         self.tokens += tokens
         for name, (prediction, target) in pairs.items():
             self.outputs.setdefault(name, []).append(prediction.detach())

@@ -1,6 +1,7 @@
 """Two-stage training: what stage 1 updates, and a hand-over that really loads the best experts."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dataloader.batch import BatchBuilder
@@ -62,3 +63,21 @@ def test_snapshot_is_a_copy_not_a_view(tiny_root, tmp_path):
             p.add_(1.0)
     assert not torch.equal(state["projections.t.weight"],
                            trainer.model.projections["t"].weight)
+
+
+@pytest.mark.parametrize("stage, setting", [
+    (1, MissingSetting("random", rate=0.4)), (2, MissingSetting("fixed", condition="av"))])
+def test_chunked_batches_give_the_batch_update(tiny_root, tmp_path, stage, setting):
+    states = []
+    for chunk in (10_000, 9):  # the whole batch at once, or chunks of at most 9 utterances
+        config = tiny_config(tiny_root, tmp_path, drop_rate=0.0, reuse_stage1=False,
+                             chunk_utterances=chunk, batch_size=6)
+        data = load_dataset(config.dataset, config.data_root)
+        trainer = FoldTrainer(config, data, 0, setting, torch.device("cpu"),
+                              BatchBuilder(data, torch.device("cpu")))
+        metrics = trainer._train_epoch(stage)
+        states.append((trainer.model.state_dict(), metrics["loss"]))
+    (whole, whole_loss), (chunked, chunked_loss) = states
+    assert chunked_loss == pytest.approx(whole_loss, rel=1e-5)
+    for name, value in whole.items():
+        torch.testing.assert_close(chunked[name], value, atol=2e-6, rtol=1e-5, msg=name)

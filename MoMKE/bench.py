@@ -1,0 +1,316 @@
+"""Benchmark: how fast one epoch runs, how well it uses the machine, and what a sweep costs.
+
+    python -m MoMKE.bench                      # CPU, CMU-MOSI, IEMOCAP-4 (one fold), CMU-MOSEI
+    python -m MoMKE.bench --device cuda --datasets CMUMOSI
+
+Measured on the synthetic datasets at the real sizes (generated into --data-root when absent) with
+the paper's hyperparameters. Each dataset runs in its own subprocess, so its peak memory is its
+own. Printed per dataset: seconds per epoch of stage 1 and of stage 2 (all seven conditions, and
+two missing rates), utterances per second, achieved model GFLOP/s against this machine's fp32
+matmul throughput measured in the same run at the model's shapes, the share of compute the padded
+official computation spends on padding (and the share left here), peak memory, the speed-up over
+the literal computation of `MoMKE/reference.py` measured in the same run, and the projected wall
+time of each run script at the paper's epochs, with and without stage-1 reuse. The official
+implementation's figures come from the speed issue (measured on this machine kind by its author);
+they are quoted, not measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dataloader.batch import BatchBuilder, TokenLayout
+from dataloader.datasets import get_spec
+from dataloader.gcnet import load_dataset
+from dataloader.synthetic import generate
+from MoMKE.config import PAPER_SCHEDULE, TrainConfig
+from MoMKE.masks import CONDITIONS, RATES
+from MoMKE.model import MODALITIES, ModelConfig
+from MoMKE.protocols import MissingSetting
+from MoMKE.reference import reference_forward
+from MoMKE.runtime import peak_memory, resolve_device
+from MoMKE.trainer import FoldTrainer
+
+# The official implementation on this machine kind (2 cores, no GPU), from the speed issue:
+# seconds per epoch (stage 1, stage 2) and hours for the seven-condition table at paper epochs.
+OFFICIAL = {"CMUMOSI": {"stage1": 1.2, "stage2": 3.2, "table_hours": 1.3},
+            "IEMOCAPFour": {"stage1": 3.3, "stage2": 8.6, "table_hours": 11.5}}
+BENCH_RATES = (0.3, 0.7)  # measured; other rates interpolate linearly (0.0 is condition atv)
+
+
+# ----------------------------------------------------------------------------- FLOP counting
+
+def model_flops(layout: TokenLayout, model: ModelConfig, stage: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of the real-token computation of one batch."""
+    D, Dh, E = model.hidden, int(model.hidden * model.mlp_ratio), len(MODALITIES)
+    counts = {m: layout.count(m) for m in MODALITIES}
+    active = [m for m in MODALITIES if counts[m]]
+    flops = sum(2 * counts[m] * d * D for m, d in zip(MODALITIES, model.input_dims))
+    streams = [(m, m) for m in active] if stage == 1 or model.experts == "self" else \
+        [(e, m) for e in MODALITIES for m in active]
+    per_token = 2 * (3 * D * D + 2 * D * Dh)  # q, k, v and the MLP
+    for _, m in streams:
+        # utterances of m per conversation: attention costs their square (q k^T and a v)
+        per_conversation = torch.bincount(layout.observed[m] // layout.length,
+                                          minlength=layout.batch).double()
+        attention = 2 * 2 * D * float(per_conversation.square().sum())
+        flops += model.depth * (counts[m] * per_token + attention)
+    if stage == 1:
+        return flops + sum(2 * counts[m] * D * model.num_outputs for m in active)
+    tokens = layout.valid.shape[0]
+    flops += sum(2 * counts[m] * (D * D + D * E) for m in active)  # routers
+    flops += 2 * tokens * (len(active) * D) * (E * D) + 2 * tokens * E * D * model.num_outputs
+    return flops
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def matmul_throughput(device: torch.device, hidden: int, tokens: int) -> float:
+    """fp32 GFLOP/s of the model's main matmul shape, forward and backward: (3, T, D) x (3, D, 3D)."""
+    x = torch.randn(3, tokens, hidden, device=device, requires_grad=True)
+    w = torch.randn(3, hidden, 3 * hidden, device=device, requires_grad=True)
+    grad = torch.randn(3, tokens, 3 * hidden, device=device)
+
+    def step() -> None:
+        torch.bmm(x, w).backward(grad)
+
+    for _ in range(3):
+        step()
+    _sync(device)
+    repeats, started = 10, time.perf_counter()
+    for _ in range(repeats):
+        step()
+    _sync(device)
+    seconds = (time.perf_counter() - started) / repeats
+    return 3 * 2 * 3 * tokens * hidden * 3 * hidden / seconds / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclasses.dataclass
+class EpochCost:
+    seconds: float
+    utterances: int  # processed: training pass plus evaluated splits
+    flops: float  # model FLOPs: 3x forward for training, 1x for evaluation
+    real_tokens: int  # utterances of the training batches
+    padded_tokens: int  # B x L slots of the training batches (what padded code computes)
+
+
+class _Meter:
+    """Counts the FLOPs and tokens of every model call while it is active."""
+
+    def __init__(self, trainer: FoldTrainer) -> None:
+        self.model = trainer.model
+        self.flops, self.utterances, self.real, self.padded = 0.0, 0, 0, 0
+
+    def __enter__(self) -> "_Meter":
+        forward = type(self.model).forward
+
+        def counted(features, layout, stage):
+            training = self.model.training
+            self.flops += model_flops(layout, self.model.config, stage) * (3 if training else 1)
+            self.utterances += layout.valid.shape[0]
+            if training:
+                self.real += layout.valid.shape[0]
+                self.padded += layout.batch * layout.length
+            return forward(self.model, features, layout, stage)
+
+        self.model.forward = counted  # an instance attribute shadows the method
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.model.forward
+
+
+def time_epochs(trainer: FoldTrainer, stage: int, epochs: int, warm_up: bool = True) -> EpochCost:
+    """Mean cost of `epochs` full epochs (training pass, then val and test)."""
+    if warm_up:
+        trainer._epoch(stage, 1, lambda record: None, None)
+    for split in ("val", "test"):  # evaluation batches are built once per run: not timed
+        for setting in trainer.setting.evaluation_settings(stage):
+            if trainer.splits[split]:
+                trainer._evaluation_batches(split, stage, setting)
+    with _Meter(trainer) as meter:
+        _sync(trainer.device)
+        started = time.perf_counter()
+        for epoch in range(epochs):
+            trainer._epoch(stage, epoch + 2, lambda record: None, None)
+        _sync(trainer.device)
+        seconds = (time.perf_counter() - started) / epochs
+    return EpochCost(seconds, meter.utterances // epochs, meter.flops / epochs,
+                     meter.real // epochs, meter.padded // epochs)
+
+
+def time_reference(trainer: FoldTrainer) -> float:
+    """Seconds of one stage-2 training pass (all conditions' streams) computed literally."""
+    model = trainer.model
+    model.train()
+    train = trainer.splits["train"]
+    started = time.perf_counter()
+    for start in range(0, len(train), trainer.config.batch_size):
+        conversations = train[start:start + trainer.config.batch_size]
+        lengths = trainer.builder.lengths[conversations].tolist()
+        available = torch.ones(sum(lengths), len(MODALITIES), dtype=torch.bool)
+        batch = trainer.builder.build(conversations, available)
+        out = reference_forward(model, batch.features, batch.available, batch.padding, 2)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        out["fused"].square().mean().backward()
+    _sync(trainer.device)
+    return time.perf_counter() - started
+
+
+def measure(dataset: str, data_root: Path, device: torch.device, epochs: int) -> dict:
+    """Everything the report needs for one dataset, measured in this process."""
+    data = load_dataset(dataset, data_root)
+    batch, total, stage_epochs = PAPER_SCHEDULE[dataset]
+    config = TrainConfig(dataset=dataset, data_root=str(data_root), device=str(device),
+                         output_dir="/nonexistent", reuse_stage1=False,
+                         save_checkpoint=False).resolved()
+    builder = BatchBuilder(data, device)
+    trainer = lambda setting: FoldTrainer(config, data, 0, setting, device, builder)  # noqa: E731
+    out = {"dataset": dataset, "device": str(device), "batch_size": batch, "epochs": total,
+           "stage_epochs": stage_epochs, "folds": len(data.folds),
+           "threads": torch.get_num_threads()}
+    fixed = trainer(MissingSetting("fixed", condition="atv"))
+    out["stage1"] = dataclasses.asdict(time_epochs(fixed, 1, epochs))
+    out["stage2"] = {}
+    for condition in ("atv",) + tuple(c for c in CONDITIONS if c != "atv"):
+        fixed.setting = MissingSetting("fixed", condition=condition)
+        out["stage2"][condition] = dataclasses.asdict(
+            time_epochs(fixed, 2, epochs if condition == "atv" else 1, warm_up=condition == "atv"))
+    out["peak_memory"] = peak_memory(device)  # one run's worth: stage 1 and stage 2
+    out["random"] = {}
+    for rate in BENCH_RATES:
+        randomised = trainer(MissingSetting("random", rate=rate))
+        out["random"][str(rate)] = {
+            "stage1": dataclasses.asdict(time_epochs(randomised, 1, 1)),
+            "stage2": dataclasses.asdict(time_epochs(randomised, 2, 1, warm_up=False))}
+    batches = -(-len(data.folds[0].train) // batch)
+    out["matmul_gflops"] = matmul_throughput(device, config.hidden,
+                                             3 * out["stage2"]["atv"]["real_tokens"] // batches)
+    out["reference_stage2_train_seconds"] = \
+        time_reference(fixed) if dataset != "CMUMOSEI" else None
+    return out
+
+
+# ----------------------------------------------------------------------------- projection
+
+def projected_seconds(m: dict, *, reuse: bool) -> dict[str, float]:
+    """Wall time of the run script (7 conditions + 8 rates, every fold) at the paper's epochs."""
+    s1, s2 = m["stage_epochs"], m["epochs"] - m["stage_epochs"]
+    stage1 = m["stage1"]["seconds"]
+    conditions = sum(s2 * m["stage2"][c]["seconds"] for c in CONDITIONS)
+    table = (1 if reuse else len(CONDITIONS)) * s1 * stage1 + conditions
+    points = {0.0: (stage1, m["stage2"]["atv"]["seconds"])}
+    points.update({float(r): (v["stage1"]["seconds"], v["stage2"]["seconds"])
+                   for r, v in m["random"].items()})
+    rates = sorted(points)
+    per_rate = 0.0
+    for rate in RATES:
+        s1_cost = np.interp(rate, rates, [points[r][0] for r in rates])
+        s2_cost = np.interp(rate, rates, [points[r][1] for r in rates])
+        per_rate += s1 * s1_cost + s2 * s2_cost
+    folds = m["folds"]
+    return {"conditions": table * folds, "rates": per_rate * folds,
+            "script": (table + per_rate) * folds}
+
+
+def summarise(m: dict) -> list[str]:
+    stage2 = m["stage2"]
+    atv, mean2 = stage2["atv"], float(np.mean([stage2[c]["seconds"] for c in CONDITIONS]))
+    train_flops = atv["flops"]
+    lines = [f"== {m['dataset']} (synthetic, real size; fold 1 of {m['folds']}; batch "
+             f"{m['batch_size']}; {m['threads']} threads; {m['device']})",
+             f"stage 1 epoch: {m['stage1']['seconds']:.2f} s "
+             f"({m['stage1']['utterances'] / m['stage1']['seconds']:.0f} utterances/s)",
+             f"stage 2 epoch: atv {atv['seconds']:.2f} s "
+             f"({atv['utterances'] / atv['seconds']:.0f} utterances/s); mean of the seven "
+             f"conditions {mean2:.2f} s (" + ", ".join(
+                 f"{c} {stage2[c]['seconds']:.2f}" for c in CONDITIONS) + ")",
+             "random rates, epoch seconds: " + ", ".join(
+                 f"{r}: stage 1 {v['stage1']['seconds']:.2f} / stage 2 {v['stage2']['seconds']:.2f}"
+                 for r, v in m["random"].items())]
+    achieved = train_flops / atv["seconds"] / 1e9
+    lines.append(f"model throughput, stage 2 atv epoch: {achieved:.1f} GFLOP/s achieved vs "
+                 f"{m['matmul_gflops']:.1f} GFLOP/s fp32 matmul at the model's shapes "
+                 f"(ratio {achieved / m['matmul_gflops']:.2f})")
+    padding = 1 - atv["real_tokens"] / atv["padded_tokens"]
+    lines.append(f"padding: a padded computation spends {100 * padding:.0f} % of its per-token "
+                 f"work on padding slots; here linear layers run on real tokens only (0 %)")
+    memory = m["peak_memory"]
+    lines.append(f"peak memory: {memory['peak_memory_mb']:.0f} MB ({memory['memory']})")
+    if m.get("reference_stage2_train_seconds"):
+        ours = atv["seconds"] * atv["real_tokens"] / max(atv["utterances"], 1)
+        lines.append(f"literal computation (MoMKE/reference.py), stage-2 training pass: "
+                     f"{m['reference_stage2_train_seconds']:.2f} s vs ~{ours:.2f} s here "
+                     f"(x{m['reference_stage2_train_seconds'] / ours:.1f}, same run)")
+    with_reuse, without = projected_seconds(m, reuse=True), projected_seconds(m, reuse=False)
+    lines.append(f"projected at the paper's epochs ({m['epochs']} = {m['stage_epochs']} + "
+                 f"{m['epochs'] - m['stage_epochs']}, {m['folds']} fold(s)): seven-condition "
+                 f"table {with_reuse['conditions'] / 60:.1f} min with stage-1 reuse, "
+                 f"{without['conditions'] / 60:.1f} min without; whole run script (7 conditions "
+                 f"+ 8 rates) {with_reuse['script'] / 60:.1f} min with reuse, "
+                 f"{without['script'] / 60:.1f} min without")
+    official = OFFICIAL.get(m["dataset"])
+    if official:
+        lines.append(
+            f"vs the official implementation (quoted from the speed issue, same machine kind): "
+            f"stage 1 x{official['stage1'] / m['stage1']['seconds']:.1f} faster, stage 2 atv "
+            f"x{official['stage2'] / atv['seconds']:.1f} (mean of conditions "
+            f"x{official['stage2'] / mean2:.1f}); seven-condition table "
+            f"{100 * with_reuse['conditions'] / 3600 / official['table_hours']:.1f} % of the "
+            f"official {official['table_hours']} h")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m MoMKE.bench", allow_abbrev=False,
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default="CMUMOSI,IEMOCAPFour,CMUMOSEI",
+                        help="comma list (default: CMUMOSI,IEMOCAPFour,CMUMOSEI)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="measured epochs per stage after one warm-up (default 2)")
+    parser.add_argument("--data-root", type=Path, default=Path("features/synthetic"),
+                        help="where the synthetic sets are (generated when absent)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    if args.worker:  # one dataset, in its own process: print its figures as JSON
+        print(json.dumps(measure(args.worker, args.data_root, device, args.epochs)))
+        return 0
+    figures = []
+    for dataset in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+        spec = get_spec(dataset)
+        if not (args.data_root / spec.folder / spec.label_file).is_file():
+            print(f"generating the synthetic {dataset} set into {args.data_root}", flush=True)
+            generate(dataset, args.data_root)
+        done = subprocess.run([sys.executable, "-m", "MoMKE.bench", "--worker", dataset,
+                               "--device", str(device), "--epochs", str(args.epochs),
+                               "--data-root", str(args.data_root)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            return done.returncode
+        figures.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print("\n".join(summarise(figures[-1])), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
