@@ -1,0 +1,34 @@
+"""The benchmark's arithmetic: FLOP counts and projected sweep times (its timings are not tests)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dataloader.batch import TokenLayout
+from MoMKE.bench import model_flops, projected_seconds
+from MoMKE.masks import CONDITIONS
+from MoMKE.model import ModelConfig
+
+
+def test_flops_of_a_tiny_batch_by_hand():
+    config = ModelConfig(input_dims=(2, 2, 2), num_outputs=1, hidden=4, depth=1, num_heads=1)
+    layout = TokenLayout.from_masks(torch.ones(1, 2, 3, dtype=torch.bool),
+                                    torch.zeros(1, 2, dtype=torch.bool))
+    projections = 3 * 2 * (2 * 2 * 4)  # three modalities, two tokens, 2 -> 4
+    per_stream = 2 * 2 * (3 * 16 + 2 * 16) + 2 * 2 * 4 * 2 ** 2  # linear layers + attention
+    heads = 3 * 2 * (2 * 4 * 1)
+    assert model_flops(layout, config, 1) == projections + 3 * per_stream + heads
+    routers = 3 * 2 * 2 * (16 + 4 * 3)
+    fusion = 2 * 2 * 12 * 12 + 2 * 2 * 12 * 1
+    assert model_flops(layout, config, 2) == projections + 9 * per_stream + routers + fusion
+
+
+def test_projection_counts_stage1_once_with_reuse():
+    seconds = {"stage1": {"seconds": 1.0}, "stage2": {c: {"seconds": 2.0} for c in CONDITIONS},
+               "random": {"0.7": {"stage1": {"seconds": 1.0}, "stage2": {"seconds": 2.0}}},
+               "stage_epochs": 10, "epochs": 30, "folds": 5}
+    with_reuse = projected_seconds(seconds, reuse=True)
+    without = projected_seconds(seconds, reuse=False)
+    assert with_reuse["conditions"] == pytest.approx(5 * (10 * 1.0 + 7 * 20 * 2.0))
+    assert without["conditions"] - with_reuse["conditions"] == pytest.approx(5 * 6 * 10 * 1.0)
+    assert with_reuse["rates"] == pytest.approx(5 * 8 * (10 * 1.0 + 20 * 2.0))
