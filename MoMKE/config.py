@@ -60,7 +60,7 @@ class TrainConfig:
     chunk_utterances: int = _option(
         "largest number of utterances run through the model at once: a batch with more is "
         "split into chunks of whole conversations whose gradients add up to the batch's (the "
-        "same update, less memory)", default=512)
+        "same update, less memory)", default=256)
     expert_handover: str = _option(
         "stage-1 weights stage 2 starts from: best (each modality's best stage-1 epoch, the "
         "paper's intent) or last (what the released code effectively does)",

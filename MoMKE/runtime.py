@@ -66,25 +66,40 @@ def source_version() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-@lru_cache(maxsize=1)
+
+class HeapTrimmer:
+    """Hands freed heap memory back to the system when the process has grown by `slack_mb`.
+
+    Each batch allocates tensors of slightly different sizes and glibc keeps the freed blocks,
+    so without this a long CPU run's resident memory creeps up epoch after epoch (seen: +350 MB
+    over 40 CMU-MOSI epochs) although its live memory does not. Trimming costs a few hundred
+    milliseconds of page faults, so it happens only when the growth calls for it. Other C
+    libraries and platforms: nothing to do."""
+
+    def __init__(self, slack_mb: float = 64.0) -> None:
+        self.slack = slack_mb * 2**20
+        self.library = _glibc()
+        self.baseline = _resident_bytes() if self.library is not None else 0
+
+    def after_epoch(self) -> None:
+        if self.library is None:
+            return
+        if _resident_bytes() - self.baseline > self.slack:
+            self.library.malloc_trim(0)
+            self.baseline = _resident_bytes()
+
+
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if sys.platform != "linux" or name is None:
+    if sys.platform != "linux":
         return None
     try:
-        library = ctypes.CDLL(name)
-        library.malloc_trim  # glibc only
+        library = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        library.malloc_trim  # present in glibc only
     except (OSError, AttributeError):
         return None
     return library
 
 
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the system (glibc's malloc_trim; elsewhere nothing).
-
-    Each batch allocates tensors of slightly different sizes, and glibc keeps the freed blocks,
-    so a long run's resident memory creeps up epoch after epoch although the live memory does not;
-    trimming once per epoch keeps the peak at what one epoch needs."""
-    library = _glibc()
-    if library is not None:
-        library.malloc_trim(0)
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()

@@ -26,7 +26,7 @@ from MoMKE.masks import CONDITIONS
 from MoMKE.metrics import task_metrics
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE
 from MoMKE.protocols import MissingSetting
-from MoMKE.runtime import autocast, peak_memory, release_free_memory
+from MoMKE.runtime import HeapTrimmer, autocast, peak_memory
 from MoMKE import stage1_cache
 
 log = logging.getLogger("MoMKE")
@@ -61,6 +61,7 @@ class FoldTrainer:
         self.splits = {"train": list(data.folds[fold].train), "val": list(data.folds[fold].val),
                        "test": list(data.folds[fold].test)}
         self._eval_batches: dict[tuple[str, str, int], list[Batch]] = {}
+        self.heap = HeapTrimmer()
         fold_seed = config.seed + 1000 * fold
         torch.manual_seed(fold_seed)  # initialisation and dropout
         self.generator = torch.Generator().manual_seed(fold_seed + 1)  # data order, train masks
@@ -162,7 +163,7 @@ class FoldTrainer:
             record[split] = self._evaluate(split, stage) if self.splits[split] else None
         if stage == 1:
             self._track_best_experts(record, epoch)
-        release_free_memory()
+        self.heap.after_epoch()
         record["seconds"] = time.perf_counter() - started
         record.update(peak_memory(self.device))
         on_epoch(record)
