@@ -281,7 +281,3 @@ class MoMKE(nn.Module):
     def expert_parameters(self) -> list[nn.Parameter]:
         return list(self.experts.parameters())
 
-    def stage1_parameters(self) -> list[nn.Parameter]:
-        """What stage 1 trains: projections, experts and unimodal heads (SPEC §4.3)."""
-        return [*self.projections.parameters(), *self.experts.parameters(),
-                *self.unimodal_heads.parameters()]

@@ -25,7 +25,7 @@ def _unit(metric: str) -> str:
 
 def _title(dataset: str, source: str, what: str) -> str:
     data = "SYNTHETIC data, not comparable with the paper" if source == "synthetic" else "real data"
-    return f"{dataset} ({data}): {what}"
+    return f"{dataset} ({data})\n{what}"
 
 
 def plot_group(key: tuple[str, str, str], results: list[dict], rows: list[Row], out: Path,

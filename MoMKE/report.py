@@ -96,7 +96,7 @@ def markdown(key: Key, results: list[dict], rows: list[Row]) -> str:
         out += ["", "## One model for every missing pattern (unified) beside the per-condition "
                     "models"] + _unified_section(dataset, results, unified)
     if len({variant(r) for r in results if not variant(r).startswith("unified")}) > 1:
-        out += ["", "## Ablations (average over the fixed conditions each variant ran)"]
+        out += ["", "## Ablations (averages over the fixed conditions every variant ran)"]
         out += _ablation_section(dataset, results)
     routers = router_table([r for r in results if variant(r) == "MoMKE"])
     if routers:
@@ -175,22 +175,31 @@ def _costs(results: list[dict], unified: list[dict]) -> str:
 
 
 def _ablation_section(dataset: str, results: list[dict]) -> list[str]:
+    """Each variant's average over the fixed conditions that every variant ran (so the
+    averages compare like with like)."""
     metrics = get_spec(dataset).metrics
-    header = ["variant", "conditions", "seeds"] + [
-        f"{METRIC_NAMES[m]} {tag}" for m in metrics for tag in ("test-best", "val-best", "last")]
-    lines = []
     names = sorted({variant(r) for r in results if not variant(r).startswith("unified")},
                    key=lambda v: ABLATION_ORDER.index(v) if v in ABLATION_ORDER else 99)
+    ran = {name: {r["condition"] for r in results if variant(r) == name and r["protocol"] ==
+                  "fixed"} for name in names}
+    common = set.intersection(*ran.values()) if ran else set()
+    if not common:
+        return ["", "No fixed condition was run by every variant; nothing to compare."]
+    rules = [r for r in RULES if r != "best_val" or get_spec(dataset).has_validation]
+    tags = {"best_test": "test-best", "best_val": "val-best", "last": "last"}
+    header = ["variant", "seeds"] + [f"{METRIC_NAMES[m]} {tags[r]}" for m in metrics
+                                     for r in rules]
+    lines = []
     for name in names:
-        rows = table_rows([r for r in results if variant(r) == name])
-        average = next((r for r in rows if r.protocol == "fixed" and r.key is None), None)
-        if average is None:
-            continue
+        members = [r for r in results if variant(r) == name and r["protocol"] == "fixed"
+                   and r["condition"] in common]
+        average = next(r for r in table_rows(members) if r.key is None)
         n = max((v[2] for v in (cell(average, "last", m) for m in metrics) if v), default=0)
-        line = [name, str(len(average.averaged)), str(n)]
-        line += [_fmt(cell(average, rule, m), m) for m in metrics for rule in RULES]
-        lines.append(line)
-    return ["", "MoMKE: the paper's method. no-stage1: the mixture trained from scratch. "
+        lines.append([name, str(n)] + [_fmt(cell(average, rule, m), m)
+                                       for m in metrics for rule in rules])
+    order = [c for c in ("a", "t", "v", "at", "av", "tv", "atv") if c in common]
+    return ["", f"Averages over the fixed conditions {', '.join(order)} (those every variant "
+                "ran). MoMKE: the paper's method. no-stage1: the mixture trained from scratch. "
                 "uniform-router: equal expert weights. self-experts: no cross-expert knowledge. "
                 "frozen-experts: experts fixed at their stage-1 weights in stage 2.", ""] + \
         _table(header, lines)

@@ -115,5 +115,6 @@ def test_sweep_runs_unified_and_ablations_into_one_report(tiny_root, tmp_path):
     report = write_report([tmp_path / "runs"], tmp_path / "report", plots=True)
     text = (tmp_path / "report" / "CMUMOSI.md").read_text()
     assert "## One model for every missing pattern (unified)" in text
-    assert "| uniform-router | 2 | 1 |" in text and "## Router weights" in text
+    assert "| uniform-router | 1 |" in text and "## Router weights" in text
+    assert "Averages over the fixed conditions a, atv" in text
     assert (tmp_path / "report" / "CMUMOSI_router.png") in report
