@@ -152,9 +152,6 @@ class BatchBuilder:
         self.labels = torch.cat([labels, labels.new_zeros(1)]).to(device)
         self.padding_row = data.num_utterances
 
-    def utterance_count(self, conversations: Sequence[int]) -> int:
-        return int(self.lengths[list(conversations)].sum())
-
     def build(self, conversations: Sequence[int], available: Tensor) -> Batch:
         """`available` (n, M) bool for the utterances of `conversations`, concatenated in order."""
         conversations = list(conversations)
