@@ -106,7 +106,7 @@ class EpochCost:
     flops: float  # model FLOPs: 3x forward for training, 1x for evaluation
     real_tokens: int  # utterances of the training batches
     padded_tokens: int  # B x L slots of the training batches (what padded code computes)
-    grid_slots: int  # slots of the packed expert grids (per modality, summed): real + holes
+    grid_slots: int  # slots of the packed attention grids (per modality, summed): real + holes
     grid_tokens: int  # observed utterances placed in those grids
 
 
@@ -255,8 +255,8 @@ def summarise(m: dict) -> list[str]:
     padding = 1 - atv["real_tokens"] / atv["padded_tokens"]
     holes = 1 - atv["grid_tokens"] / atv["grid_slots"]
     lines.append(f"padding: a padded computation spends {100 * padding:.0f} % of its per-token "
-                 f"work on padding slots (stage 2, atv); here the experts' packed grids hold "
-                 f"{100 * holes:.0f} % empty slots, and nothing else is computed for padding")
+                 f"work on padding slots (stage 2, atv); here only attention sees empty slots "
+                 f"({100 * holes:.0f} % of its packed grids), every other layer real tokens only")
     memory = m["peak_memory"]
     lines.append(f"peak memory: {memory['peak_memory_mb']:.0f} MB ({memory['memory']})")
     if m.get("reference_stage2_train_seconds"):

@@ -10,11 +10,12 @@ Notation
     H  attention heads                   C  outputs (classes, or 1 for regression)
     N  tokens: the observed, unpadded utterances of one modality in a batch, packed
 
-How it runs. Compute follows real tokens: each modality's observed utterances are packed into
-rows of L slots (several short conversations share a row; `TokenLayout`), so padding and missing
-modalities (whose representations the SPEC zeroes anyway) cost nothing but a few holes, and the
-experts of a layer run as one batched matmul over their stacked weights, with attention as a batch
-of L x L blocks restricted to each conversation. `MoMKE/reference.py` computes the same function
+How it runs. Compute follows real tokens: the experts' linear layers see only the observed,
+unpadded utterances, so padding and missing modalities (whose representations the SPEC zeroes
+anyway) cost nothing, and the experts of a layer run as one batched matmul over their stacked
+weights. For attention each modality's utterances are packed into rows of L slots (several short
+conversations share a row; `TokenLayout`) and attention runs as a batch of L x L blocks
+restricted to each conversation. `MoMKE/reference.py` computes the same function
 the literal, padded way; tests hold the two equal, gradients included.
 """
 from __future__ import annotations
@@ -115,10 +116,12 @@ class Expert(nn.Module):
 
 
 class Experts(nn.Module):
-    """The E modality experts, run together on a packed token grid (E', S * L, D): layer l of
-    every expert in use is one batched matmul over the experts' stacked weights, and attention is
-    a (E' * S) batch of L x L blocks. Only the experts in use are stacked, so an expert that sees
-    no token gets no gradient (and Adam leaves it alone), as with separate modules."""
+    """The E modality experts, run together: layer l of every expert in use is one batched matmul
+    over the experts' stacked weights, applied to the real tokens only (E', T, D). Attention alone
+    needs the conversations laid out: q, k, v are placed in the packed grid (`TokenLayout`), where
+    it runs as a batch of L x L blocks restricted to each conversation, and its output is read back
+    at the tokens' slots. Only the experts in use are stacked, so an expert that sees no token gets
+    no gradient (and Adam leaves it alone), as with separate modules."""
 
     def __init__(self, *, depth: int, hidden: int, num_heads: int, mlp_ratio: float,
                  drop_rate: float, attn_drop_rate: float) -> None:
@@ -129,27 +132,32 @@ class Experts(nn.Module):
         self.attn_drop = Dropout(attn_drop_rate)
         self.drop = Dropout(drop_rate)
 
-    def forward(self, x: Tensor, attend: Tensor, experts: list[str]) -> Tensor:
-        """x (E', S * L, D): the grids of `experts`, in that order; `attend` (E' * S, 1, L, L)."""
+    def forward(self, x: Tensor, place: Tensor, attend: Tensor, experts: list[str]) -> Tensor:
+        """x (E', T, D): the tokens of `experts`, in that order; `place` (E' * T,): each token's
+        position in the flattened grids (E' * G slots, G = R * L); `attend` (E' * R, 1, L, L)."""
         for depth in range(self.depth):
             layers = [self.experts[e].layers[depth] for e in experts]
             weights = [torch.stack(w) for w in zip(*(layer.weights() for layer in layers))]
-            x = x + self._layer(x, attend, *weights)
+            x = x + self._layer(x, place, attend, *weights)
         return x
 
-    def _layer(self, x: Tensor, attend: Tensor, qkv_w: Tensor, qkv_b: Tensor, fc1_w: Tensor,
-               fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
-        experts, slots, hidden = x.shape  # (E', S * L, D)
+    def _layer(self, x: Tensor, place: Tensor, attend: Tensor, qkv_w: Tensor, qkv_b: Tensor,
+               fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
+        experts, tokens, hidden = x.shape  # (E', T, D)
         length = attend.shape[-1]
+        slots = attend.shape[0] * length  # E' * G
         heads, head_dim = self.num_heads, hidden // self.num_heads
-        qkv = torch.baddbmm(qkv_b, x, qkv_w)  # (E', S * L, 3D)
-        q, k, v = qkv.view(-1, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # (E'S, H, L, hd)
-        logits = torch.matmul(q, k.transpose(-2, -1)).mul_(head_dim ** -0.5)  # (E'S, H, L, L)
+        qkv = torch.baddbmm(qkv_b, x, qkv_w).view(-1, 3 * hidden)  # (E' T, 3D)
+        # Empty grid slots hold zero keys and values that no real query attends to.
+        grid = qkv.new_zeros(slots, 3 * hidden).index_copy(0, place, qkv)
+        q, k, v = grid.view(-1, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # (E'R, H, L, hd)
+        logits = torch.matmul(q, k.transpose(-2, -1)).mul_(head_dim ** -0.5)  # (E'R, H, L, L)
         logits.masked_fill_(~attend, torch.finfo(logits.dtype).min)
         attention = self.attn_drop(logits.softmax(dim=-1))
-        # Every real query is itself a valid key, so no real row is empty; hole rows (empty grid
-        # slots) stay finite and are never read out. (reference.py zeroes empty rows explicitly.)
-        z = (attention @ v).transpose(1, 2).reshape(experts, slots, hidden)  # (E', S * L, D)
+        # Every real query is itself a valid key, so no real row is empty; rows of empty slots
+        # stay finite and are never read out. (reference.py zeroes empty rows explicitly.)
+        z = (attention @ v).transpose(1, 2).reshape(slots, hidden)  # (E' G, D)
+        z = z.index_select(0, place).view(experts, tokens, hidden)  # (E', T, D)
         h = self.drop(F.gelu(torch.baddbmm(fc1_b, z, fc1_w)))
         return self.drop(torch.baddbmm(fc2_b, h, fc2_w)).add_(z)  # z + MLP(z)
 
@@ -238,31 +246,46 @@ class MoMKE(nn.Module):
                      layout: TokenLayout) -> dict[tuple[str, str], Tensor]:
         """Run every expert e over the tokens of the modalities `routes[e]`, all experts at once.
 
-        Expert e's grid stacks the packed rows of its modalities (holes are zero); grids of
-        experts with fewer rows get empty rows at the end, which nothing attends to."""
-        L = layout.length
-        offsets = {e: dict(zip(routes[e], np.cumsum([0] + [layout.rows[m] for m in routes[e]])))
-                   for e in routes}  # row where modality m starts in expert e's grid
-        rows = max(sum(layout.rows[m] for m in mods) for mods in routes.values())
+        Expert e's tokens are its modalities' tokens back to back, and its attention grid stacks
+        those modalities' packed rows. Experts with fewer tokens get zero tokens at the end,
+        placed in spare grid rows that attend to nothing."""
+        L, D = layout.length, self.config.hidden
         experts = list(routes)
+        counts = [sum(layout.count(m) for m in routes[e]) for e in experts]
+        tokens = max(counts)
+        used_rows = [sum(layout.rows[m] for m in routes[e]) for e in experts]
+        rows = max(used_rows) + -(-(tokens - min(counts)) // L)  # spare rows for filler tokens
+        starts: dict[tuple[str, str], int] = {}  # (e, m) -> first token of m in e's tokens
 
-        def grid(e: str) -> tuple[Tensor, Tensor]:
-            x = projected[routes[e][0]].new_zeros(rows * L, self.config.hidden)
+        def lay_out(k: int, e: str) -> tuple[Tensor, Tensor, Tensor]:
+            xs, places, row, token = [], [], 0, 0
             attend = layout.attend[routes[e][0]].new_zeros(rows, L, L)
             for m in routes[e]:
-                start = int(offsets[e][m])
-                x.index_copy_(0, start * L + layout.slots[m], projected[m])
-                attend[start:start + layout.rows[m]] = layout.attend[m]
-            return x, attend
+                starts[e, m] = token
+                xs.append(projected[m])
+                places.append(row * L + layout.slots[m])
+                attend[row:row + layout.rows[m]] = layout.attend[m]
+                row, token = row + layout.rows[m], token + layout.count(m)
+            if token < tokens:  # filler tokens in the spare rows
+                xs.append(projected[routes[e][0]].new_zeros(tokens - token, D))
+                places.append(torch.arange(used_rows[k] * L, used_rows[k] * L + tokens - token,
+                                           device=attend.device))
+            return torch.cat(xs), torch.cat(places) + k * rows * L, attend
 
-        if all(routes[e] == routes[experts[0]] for e in experts):  # stage 2: the same grid for all
-            x, attend = grid(experts[0])
-            x, attend = x.expand(len(experts), -1, -1), attend.repeat(len(experts), 1, 1)
+        if all(routes[e] == routes[experts[0]] for e in experts):  # stage 2: the same tokens
+            x, place, attend = lay_out(0, experts[0])
+            for e in experts[1:]:
+                starts.update({(e, m): starts[experts[0], m] for m in routes[e]})
+            x = x.expand(len(experts), -1, -1)
+            place = torch.cat([place + k * rows * L for k in range(len(experts))])
+            attend = attend.repeat(len(experts), 1, 1)
         else:
-            grids = [grid(e) for e in experts]
-            x, attend = torch.stack([g[0] for g in grids]), torch.cat([g[1] for g in grids])
-        out = self.experts(x, attend.unsqueeze(1), experts)  # (E', S * L, D)
-        return {(e, m): out[k].index_select(0, int(offsets[e][m]) * L + layout.slots[m])
+            laid = [lay_out(k, e) for k, e in enumerate(experts)]
+            x = torch.stack([part[0] for part in laid])
+            place = torch.cat([part[1] for part in laid])
+            attend = torch.cat([part[2] for part in laid])
+        out = self.experts(x, place, attend.unsqueeze(1), experts)  # (E', T, D)
+        return {(e, m): out[k, starts[e, m]:starts[e, m] + layout.count(m)]
                 for k, e in enumerate(experts) for m in routes[e]}
 
     # ------------------------------------------------------------------ stage-1 -> stage-2 hand-over

@@ -25,7 +25,7 @@ class TokenLayout:
     observed; `valid` those of all unpadded utterances; `valid_position[m]` locates each observed
     token of m inside `valid`. For attention, the observed utterances of m are packed into
     `rows[m]` rows of L slots (each conversation's utterances of m contiguous and in order; several
-    short conversations share a row, first-fit, longest first), so the experts compute on real
+    short conversations share a row, first-fit, longest first), so attention runs on real
     tokens and a few holes instead of B padded rows: `slots[m]` is each token's position
     r * L + j in that grid, and `attend[m]` (R_m, L, L) says which slots may attend to each other
     (the same conversation, a real key).

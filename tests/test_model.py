@@ -51,6 +51,22 @@ def test_packed_forward_equals_reference(stage, variant):
         torch.testing.assert_close(output.fused, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_stage1_experts_with_unequal_token_counts_equal_reference():
+    """Stage 1 stacks experts whose modalities have different token counts: the shorter ones get
+    filler tokens in spare grid rows (here more than one row of them), which must change nothing."""
+    model = _model().eval()
+    features, available, padding = _inputs(3)
+    available[..., 2] = False
+    available[0, 0, 2] = True  # visual observed once in the whole batch
+    layout = TokenLayout.from_masks(available, padding)
+    assert max(layout.count(m) for m in MODALITIES) - layout.count("v") > L
+    output = model(features, layout, 1)
+    expected = _packed_reference(reference_forward(model, features, available, padding, 1),
+                                 layout, 1)
+    for m in MODALITIES:
+        torch.testing.assert_close(output.unimodal[m], expected[m], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_packed_gradients_equal_reference(stage):
     model = _model()  # training mode, no dropout: both paths are deterministic
