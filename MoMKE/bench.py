@@ -10,13 +10,15 @@ two missing rates), utterances per second, achieved model GFLOP/s against this m
 matmul throughput measured in the same run at the model's shapes, the share of compute the padded
 official computation spends on padding (and the share left here), peak memory, the speed-up over
 the literal computation of `MoMKE/reference.py` measured in the same run, and the projected wall
-time of each run script at the paper's epochs, with and without stage-1 reuse. The official
+time of each run script at the paper's epochs, with and without stage-1 reuse, and the floor:
+the same figures with every model FLOP run at the measured matmul throughput. The official
 implementation's figures come from the speed issue (measured on this machine kind by its author);
 they are quoted, not measured here.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import subprocess
@@ -233,6 +235,18 @@ def projected_seconds(m: dict, *, reuse: bool) -> dict[str, float]:
             "script": (table + per_rate) * folds}
 
 
+def at_matmul_peak(m: dict) -> dict:
+    """`m` with every measured epoch's seconds replaced by its model FLOPs run at the fp32 matmul
+    throughput measured in the same run: a floor for the same computation on this machine."""
+    peak = m["matmul_gflops"] * 1e9
+    floor = copy.deepcopy(m)
+    costs = [floor["stage1"], *floor["stage2"].values(),
+             *(v[stage] for v in floor["random"].values() for stage in ("stage1", "stage2"))]
+    for cost in costs:
+        cost["seconds"] = cost["flops"] / peak
+    return floor
+
+
 def summarise(m: dict) -> list[str]:
     stage2 = m["stage2"]
     atv, mean2 = stage2["atv"], float(np.mean([stage2[c]["seconds"] for c in CONDITIONS]))
@@ -271,6 +285,11 @@ def summarise(m: dict) -> list[str]:
                  f"{without['conditions'] / 60:.1f} min without; whole run script (7 conditions "
                  f"+ 8 rates) {with_reuse['script'] / 60:.1f} min with reuse, "
                  f"{without['script'] / 60:.1f} min without")
+    floor = at_matmul_peak(m)
+    lines.append(f"floor (every model FLOP at the measured matmul throughput, evaluation "
+                 f"included): stage 1 epoch {floor['stage1']['seconds']:.2f} s, stage 2 atv epoch "
+                 f"{floor['stage2']['atv']['seconds']:.2f} s, seven-condition table "
+                 f"{projected_seconds(floor, reuse=True)['conditions'] / 60:.1f} min with reuse")
     official = OFFICIAL.get(m["dataset"])
     if official:
         lines.append(

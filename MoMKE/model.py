@@ -24,7 +24,6 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

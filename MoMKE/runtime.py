@@ -66,7 +66,6 @@ def source_version() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-
 class HeapTrimmer:
     """Hands freed heap memory back to the system when the process has grown by `slack_mb`.
 

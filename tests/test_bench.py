@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dataloader.batch import TokenLayout
-from MoMKE.bench import model_flops, projected_seconds
+from MoMKE.bench import at_matmul_peak, model_flops, projected_seconds
 from MoMKE.masks import CONDITIONS
 from MoMKE.model import ModelConfig
 
@@ -32,3 +32,17 @@ def test_projection_counts_stage1_once_with_reuse():
     assert with_reuse["conditions"] == pytest.approx(5 * (10 * 1.0 + 7 * 20 * 2.0))
     assert without["conditions"] - with_reuse["conditions"] == pytest.approx(5 * 6 * 10 * 1.0)
     assert with_reuse["rates"] == pytest.approx(5 * 8 * (10 * 1.0 + 20 * 2.0))
+
+
+def test_floor_runs_every_measured_epoch_at_the_matmul_throughput():
+    cost = lambda flops: {"seconds": 9.0, "flops": flops}  # noqa: E731
+    m = {"stage1": cost(2e9), "stage2": {c: cost(4e9) for c in CONDITIONS},
+         "random": {"0.7": {"stage1": cost(1e9), "stage2": cost(3e9)}},
+         "matmul_gflops": 100.0, "stage_epochs": 10, "epochs": 30, "folds": 1}
+    floor = at_matmul_peak(m)
+    assert floor["stage1"]["seconds"] == pytest.approx(0.02)
+    assert all(v["seconds"] == pytest.approx(0.04) for v in floor["stage2"].values())
+    assert floor["random"]["0.7"]["stage2"]["seconds"] == pytest.approx(0.03)
+    assert m["stage1"]["seconds"] == 9.0  # the measurement itself is left as it was
+    table = projected_seconds(floor, reuse=True)["conditions"]
+    assert table == pytest.approx(10 * 0.02 + 7 * 20 * 0.04)
