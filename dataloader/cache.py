@@ -20,7 +20,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the loader's reading rules change, to invalidate old caches
+CACHE_VERSION = 2  # bump when the loader's reading rules change, to invalidate old caches
 
 
 def files_stamp(paths: Iterable[Path]) -> str:
@@ -66,8 +66,18 @@ def cache_path(dataset_dir: Path, dataset: str, feature_names: Iterable[str]) ->
 _HEADER_SIZE = struct.Struct("<Q")
 
 
-def load_cache(path: Path, stamp: str) -> dict[str, np.ndarray] | None:
-    """The arrays stored at `path` if it exists and was built from files with this `stamp`."""
+# What a cache may hold: array name -> (dtype, shape with None for a free dimension). Anything
+# else (another dtype, such as an object array whose bytes would be read as pointers; another
+# name or shape) means the file is not what this loader wrote, and it is rebuilt.
+Layout = dict[str, tuple[str, tuple[int | None, ...]]]
+
+
+def load_cache(path: Path, stamp: str, expected: Layout,
+               max_abs: float = float("inf")) -> dict[str, np.ndarray] | None:
+    """The arrays stored at `path` if it exists, was built from files with this `stamp`, has
+    exactly the `expected` names, dtypes and shapes, and holds finite values within `max_abs`
+    (checked vectorised after loading: cheap next to reading the files). Otherwise None, with one
+    warning when the file is there but unusable."""
     if not path.is_file():
         return None
     try:
@@ -77,16 +87,47 @@ def load_cache(path: Path, stamp: str) -> dict[str, np.ndarray] | None:
             if header["stamp"] != stamp:
                 log.info("feature cache %s is stale (files changed); rebuilding it", path)
                 return None
+            entries = _checked_entries(header["arrays"], expected)
             arrays = {}
-            for name, dtype, shape in header["arrays"]:
-                array = np.empty(shape, dtype=np.dtype(dtype))
+            for name, dtype, shape in entries:
+                array = np.empty(shape, dtype=dtype)
                 if handle.readinto(memoryview(array).cast("B")) != array.nbytes:
                     raise ValueError("file is truncated")
                 arrays[name] = array
-            return arrays
-    except Exception as error:  # a damaged cache is rebuilt, never trusted
-        log.warning("feature cache %s is unreadable (%s); rebuilding it", path, error)
+            if handle.read(1):
+                raise ValueError("file has bytes after its arrays")
+        for name, array in arrays.items():
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise ValueError(f"{name} holds NaN or infinite values")
+            if array.size and np.abs(array).max() > max_abs:
+                raise ValueError(f"{name} holds values beyond {max_abs:g}")
+        return arrays
+    except Exception as error:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+        log.warning("feature cache %s is unusable (%s); rebuilding it from the feature files",
+                    path, error)
         return None
+
+
+def _checked_entries(entries: object, expected: Layout) -> list[tuple[str, np.dtype, tuple]]:
+    """The header's (name, dtype, shape) entries, checked against `expected` before any byte is
+    read into an array."""
+    if not isinstance(entries, list) or any(
+            not isinstance(e, list) or len(e) != 3 for e in entries):
+        raise ValueError("malformed header")
+    names = [e[0] for e in entries]
+    if sorted(names) != sorted(expected):
+        raise ValueError(f"holds arrays {sorted(map(str, names))}, expected {sorted(expected)}")
+    checked = []
+    for name, dtype, shape in entries:
+        want_dtype, want_shape = expected[name]
+        if dtype != np.dtype(want_dtype).str:
+            raise ValueError(f"{name} has dtype {dtype!r}, expected {np.dtype(want_dtype).str!r}")
+        if not isinstance(shape, list) or len(shape) != len(want_shape) or any(
+                not isinstance(n, int) or n < 0 or (w is not None and n != w)
+                for n, w in zip(shape, want_shape)):
+            raise ValueError(f"{name} has shape {shape}, expected {want_shape}")
+        checked.append((name, np.dtype(want_dtype), tuple(shape)))
+    return checked
 
 
 def save_cache(path: Path, stamp: str, arrays: dict[str, np.ndarray]) -> None:

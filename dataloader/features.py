@@ -49,9 +49,16 @@ class _FolderIndex:
         return matches
 
 
+# Larger magnitudes overflow float32 arithmetic within a few layers (a square of 1e20 is inf):
+# such a file is a broken extraction, refused before training rather than trained into NaN.
+MAX_ABS_FEATURE = 1e6
+
+
 def read_feature_folder(folder: Path, utterance_ids: Sequence[str],
-                        speakers: Sequence[str] | None) -> FeatureMatrix:
-    """Read `folder` for every id; `speakers` (IEMOCAP) enables prefix lookup and face selection."""
+                        speakers: Sequence[str] | None, *, faces: bool = False) -> FeatureMatrix:
+    """Read `folder` for every id; `speakers` (IEMOCAP) enables prefix lookup and face selection.
+    Only with `faces` (the visual folder) may an entry be a folder of face vectors; an empty one
+    becomes a zero row only with `speakers` (IEMOCAP's GCNet rule), elsewhere it is an error."""
     if not folder.is_dir():
         raise DataError(
             f"{folder}: feature folder not found; unpack the GCNet features there, pass the right "
@@ -65,7 +72,14 @@ def read_feature_folder(folder: Path, utterance_ids: Sequence[str],
         speaker = speakers[i] if speakers is not None else None
         path = folder / _entry_name(index, uid, by_prefix=speaker is not None)
         if path.is_dir():
+            if not faces:
+                raise DataError(f"{path}: is a folder, but {folder.name} entries must be .npy "
+                                f"files (only visual features may be folders of faces); "
+                                f"replace it with the utterance's .npy file.")
             vectors = _read_faces(path, uid, speaker)
+            if not vectors and speakers is None:
+                raise DataError(f"{path}: a face folder with no .npy face vector; put the "
+                                f"utterance's feature file there, or remove the empty folder.")
         else:
             vectors = [_read_array(path)]
         for vector in vectors:
@@ -116,6 +130,10 @@ def _read_array(path: Path) -> np.ndarray:
     vector = array.astype(np.float32)
     if not np.all(np.isfinite(vector)):
         raise DataError(f"{path}: contains NaN or infinite values; re-extract this feature file.")
+    if np.abs(vector).max() > MAX_ABS_FEATURE:
+        raise DataError(f"{path}: holds values up to {np.abs(vector).max():.3g} in magnitude "
+                        f"(limit {MAX_ABS_FEATURE:g}, beyond which float32 training overflows); "
+                        f"re-extract or rescale this feature file.")
     return vector
 
 

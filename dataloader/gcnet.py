@@ -23,7 +23,7 @@ import numpy as np
 from dataloader.cache import cache_path, files_stamp, load_cache, save_cache
 from dataloader.datasets import DEFAULT_FEATURES, MODALITIES, MODALITY_NAMES, DatasetSpec, get_spec
 from dataloader.errors import DataError
-from dataloader.features import read_feature_folder
+from dataloader.features import MAX_ABS_FEATURE, read_feature_folder
 from dataloader.labels import Fold, LabelSet, read_label_file
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,17 @@ def feature_names_from(audio: str | None = None, text: str | None = None,
     return {m: given[m] or DEFAULT_FEATURES[m] for m in MODALITIES}
 
 
-def load_dataset(dataset: str, data_root: str | Path = "features",
-                 feature_names: Mapping[str, str] | None = None, *,
-                 use_cache: bool = True) -> MultimodalDataset:
-    """Read `<data_root>/<DIR>/` for `dataset`, through the feature cache when it is fresh."""
+def data_fingerprint(dataset: str, data_root: str | Path = "features",
+                     feature_names: Mapping[str, str] | None = None) -> str:
+    """The digest of the label file and every feature file (name, size, mtime) that
+    `load_dataset` would read: part of every run's identity, computed without loading."""
+    _, label_path, folders = _paths(dataset, data_root, feature_names)
+    return files_stamp([label_path, *folders.values()])
+
+
+def _paths(dataset: str, data_root: str | Path,
+           feature_names: Mapping[str, str] | None) -> tuple[Path, Path, dict[str, Path]]:
+    """(<data_root>/<DIR>, its label file, the feature folder of each modality), all checked."""
     spec = get_spec(dataset)
     names = dict(feature_names or feature_names_from())
     root = Path(data_root) / spec.folder
@@ -92,13 +99,25 @@ def load_dataset(dataset: str, data_root: str | Path = "features",
                 f"{folder}: feature folder for {MODALITY_NAMES[m]} not found; pass the folder name "
                 f"with --{ 'video' if m == 'v' else MODALITY_NAMES[m]}-feature or unpack the "
                 f"features there.")
+    return root, label_path, folders
+
+
+def load_dataset(dataset: str, data_root: str | Path = "features",
+                 feature_names: Mapping[str, str] | None = None, *,
+                 use_cache: bool = True) -> MultimodalDataset:
+    """Read `<data_root>/<DIR>/` for `dataset`, through the feature cache when it is fresh."""
+    spec = get_spec(dataset)
+    names = dict(feature_names or feature_names_from())
+    root, label_path, folders = _paths(dataset, data_root, names)
     labels = read_label_file(label_path, spec)
     source = "synthetic" if (root / SYNTHETIC_MARKER).is_file() else "real"
 
     started = time.perf_counter()
     stamp = files_stamp([label_path, *folders.values()])
     cached_file = cache_path(root, spec.name, [names[m] for m in MODALITIES])
-    arrays = load_cache(cached_file, stamp) if use_cache else None
+    expected = {**{f"features_{m}": ("<f4", (labels.num_utterances, None)) for m in MODALITIES},
+                **{f"empty_{m}": ("<i8", (1,)) for m in MODALITIES}}
+    arrays = load_cache(cached_file, stamp, expected, MAX_ABS_FEATURE) if use_cache else None
     if arrays is None:
         arrays = _read_features(spec, labels, folders)
         if use_cache:
@@ -133,7 +152,7 @@ def _read_features(spec: DatasetSpec, labels: LabelSet,
     speakers = [s for spk in labels.speakers for s in spk] if spec.num_folds > 1 else None
     arrays: dict[str, np.ndarray] = {}
     for m in MODALITIES:
-        matrix = read_feature_folder(folders[m], utterance_ids, speakers)
+        matrix = read_feature_folder(folders[m], utterance_ids, speakers, faces=m == "v")
         arrays[f"features_{m}"] = matrix.values
         arrays[f"empty_{m}"] = np.array([matrix.empty_faces], dtype=np.int64)
     return arrays

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dataloader.errors import DataError
 from dataloader.features import read_feature_folder
 
 
@@ -21,14 +22,33 @@ def test_file_shapes_dim_one_dim_and_frames(tmp_path):
     assert got.values.dtype == np.float32 and got.empty_faces == 0
 
 
-def test_face_folder_is_averaged_and_an_empty_one_is_zero(tmp_path):
+def test_face_folder_is_averaged(tmp_path):
     _save(tmp_path / "u1" / "face_0.npy", [2, 0])
     _save(tmp_path / "u1" / "face_1.npy", [[0, 2]])
+    _save(tmp_path / "u3.npy", [5, 5])
+    got = read_feature_folder(tmp_path, ["u1", "u3"], None, faces=True)
+    np.testing.assert_allclose(got.values, [[1, 1], [5, 5]])
+    assert got.empty_faces == 0
+
+
+def test_cmu_folder_without_faces_is_refused_not_zero(tmp_path):
+    # A folder where a CMU file should be is a broken download, not a missing face.
     (tmp_path / "u2").mkdir()
     _save(tmp_path / "u3.npy", [5, 5])
-    got = read_feature_folder(tmp_path, ["u1", "u2", "u3"], None)
-    np.testing.assert_allclose(got.values, [[1, 1], [0, 0], [5, 5]])
-    assert got.empty_faces == 1
+    with pytest.raises(DataError, match=r"u2: a face folder with no \.npy face vector"):
+        read_feature_folder(tmp_path, ["u2", "u3"], None, faces=True)
+
+
+def test_folder_in_audio_or_text_features_is_refused(tmp_path):
+    _save(tmp_path / "u1" / "frame_0.npy", [1, 2])
+    with pytest.raises(DataError, match="u1: is a folder, but .* entries must be .npy files"):
+        read_feature_folder(tmp_path, ["u1"], None)
+
+
+def test_values_that_overflow_float32_training_are_refused(tmp_path):
+    _save(tmp_path / "u1.npy", [1.0, 1e30])
+    with pytest.raises(DataError, match=r"u1.npy: holds values up to 1e\+30 in magnitude"):
+        read_feature_folder(tmp_path, ["u1"], None)
 
 
 def test_iemocap_prefix_lookup_and_speaker_faces(tmp_path):
@@ -39,13 +59,12 @@ def test_iemocap_prefix_lookup_and_speaker_faces(tmp_path):
     _save(tmp_path / "Ses01F_impro01_F001" / "M_00.npy", [7, 7])  # only the listener was seen
     _save(tmp_path / "Ses01F_impro01_F002_extra_suffix.npy", [4, 4])  # found by prefix
     got = read_feature_folder(tmp_path, ["Ses01F_impro01_M000", "Ses01F_impro01_F001",
-                                         "Ses01F_impro01_F002"], ["M", "F", "F"])
+                                         "Ses01F_impro01_F002"], ["M", "F", "F"], faces=True)
     np.testing.assert_allclose(got.values, [[2, 2], [0, 0], [4, 4]])
     assert got.empty_faces == 1
 
 
 def test_cmu_lookup_is_exact_not_prefix(tmp_path):
     _save(tmp_path / "vid_11.npy", [1.0])
-    from dataloader.errors import DataError
     with pytest.raises(DataError, match="no feature file for utterance 'vid_1'"):
         read_feature_folder(tmp_path, ["vid_1"], None)
