@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -65,6 +66,13 @@ class TrainConfig:
         "stage-1 weights stage 2 starts from: best (each modality's best stage-1 epoch, the "
         "paper's intent) or last (what the released code effectively does)",
         default="best", choices=["best", "last"])
+    select_from: str = _option(
+        "epochs the selection rules choose among: stage2 (the fused model's epochs, the default) "
+        "or all (stage-1 epochs too, whose val/test pass runs the untrained fused head on the "
+        "stage-1 masks, as the official code does)", default="stage2", choices=["stage2", "all"])
+    official: bool = _option(
+        "the official code's choices where ours differ: --select-from all and --expert-handover "
+        "last (the report then shows MAE and Corr on non-zero labels)", default=False)
     train_missing: str = _option(
         "stage-2 training masks: run (the run's own condition or rate, the paper), any (one "
         "unified model: each conversation gets one of the seven conditions; evaluated on all "
@@ -114,16 +122,25 @@ class TrainConfig:
             rates = [parse_rate(r) for r in self.missing_rate or []]
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        if not conditions and not rates:
+        if self.test_condition is None and self.missing_rate is None:
             conditions = ["atv"]
+        elif not conditions and not rates and self.train_missing == "run":
+            given = [flag for flag, value in (("--test-condition", self.test_condition),
+                                              ("--missing-rate", self.missing_rate))
+                     if value is not None]
+            raise ConfigError(f"{' and '.join(given)} {'list' if len(given) > 1 else 'lists'} "
+                              f"nothing to run; give at least one condition (e.g. "
+                              f"--test-condition atv) or rate (e.g. --missing-rate 0.3).")
         batch, epochs, stage = PAPER_SCHEDULE[self.dataset]
         if self.epochs is not None:
             epochs, stage = self.epochs, self.epochs // 2
         if self.stage_epochs is not None:
             stage = self.stage_epochs
+        official = dict(select_from="all", expert_handover="last") if self.official else {}
         out = dataclasses.replace(self, test_condition=conditions, missing_rate=rates,
                                   epochs=epochs, stage_epochs=stage,
-                                  batch_size=self.batch_size or batch)
+                                  batch_size=batch if self.batch_size is None else self.batch_size,
+                                  **official)
         out._check()
         return out
 
@@ -146,8 +163,17 @@ class TrainConfig:
         if self.hidden % self.num_heads:
             raise ConfigError(f"--hidden {self.hidden} must be divisible by --num-heads "
                               f"{self.num_heads}.")
-        if self.lr <= 0 or self.l2 < 0:
-            raise ConfigError("--lr must be positive and --l2 non-negative.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr {self.lr} must be a positive number, e.g. 1e-4.")
+        if not (math.isfinite(self.l2) and self.l2 >= 0):
+            raise ConfigError(f"--l2 {self.l2} must be a non-negative number, e.g. 1e-5.")
+        if not (math.isfinite(self.mlp_ratio) and int(self.hidden * self.mlp_ratio) >= 1):
+            raise ConfigError(f"--mlp-ratio {self.mlp_ratio} must be positive (the expert MLP "
+                              f"has --hidden x --mlp-ratio units, at least 1), e.g. 1.")
+        check_seed(self.seed)
+        if self.select_from == "all" and self.train_missing != "run":
+            raise ConfigError("--select-from all applies to one model per condition or rate; "
+                              "use --select-from stage2 with --train-missing any.")
         if self.folds is not None:
             count = get_spec(self.dataset).num_folds
             if not self.folds or any(not 1 <= k <= count for k in self.folds):
@@ -156,6 +182,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+MAX_SEED = 2**32 - 1  # numpy's seed range; fold seeds add 1000 per fold, still within torch's
+
+
+def check_seed(seed: int) -> int:
+    """`seed`, or a ConfigError when it is outside [0, MAX_SEED]."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed {seed} is outside [0, {MAX_SEED}]; use e.g. 66.")
+    return seed
 
 
 # ----------------------------------------------------------------------------- parsing

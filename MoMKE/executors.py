@@ -58,10 +58,10 @@ class SweepSummary:
         took = "" if seconds is None else f" in {seconds:.1f} s"
         lines = [f"sweep finished{took}: {len(self.trained)} trained, {len(self.skipped)} "
                  f"complete before, {len(self.failed)} failed"]
-        lines += [f"  trained  {run.label} (log: {run.folder / 'run.log'})" for run in self.trained]
-        lines += [f"  complete {run.label} (log: {run.folder / 'run.log'})" for run in self.skipped]
+        lines += [f"  trained  {run.label} (log: {run.log_file})" for run in self.trained]
+        lines += [f"  complete {run.label} (log: {run.log_file})" for run in self.skipped]
         for run, error in self.failed:
-            log_file = run.folder / "run.log"
+            log_file = run.log_file
             where = f"log: {log_file}" if log_file.is_file() else "no run log: it failed before " \
                                                                   "its run started"
             lines.append(f"  FAILED {run.label}: {error} ({where})")

@@ -33,7 +33,7 @@ class MissingSetting:
         if self.protocol == "fixed":
             return f"fixed-{self.condition}"
         if self.protocol == "random":
-            return f"random-{self.rate:.1f}"
+            return f"random-{self.rate!r}"  # the rate as written: 0.14 is not 0.1
         return f"unified-{self.mix}"
 
     @property

@@ -54,7 +54,8 @@ def random(dataset: str, rate: float, metric: str) -> Published | None:
         entry = _table()[section].get(dataset)
         if entry is None or metric not in entry["metrics"]:
             continue
-        values = {round(float(r), 1): v for r, v in entry["rates"].items()}.get(round(rate, 1))
+        # Only the rate itself: a run at 0.14 has no published counterpart at 0.1.
+        values = {round(float(r), 6): v for r, v in entry["rates"].items()}.get(round(rate, 6))
         if values is not None:
             return Published(values[entry["metrics"].index(metric)], entry["source"])
     return None

@@ -16,17 +16,20 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from dataloader.datasets import get_spec
+from dataloader.datasets import DATASETS, get_spec
 from MoMKE import published
 from MoMKE.config import PAPER_SCHEDULE
+from MoMKE.masks import CONDITIONS
 from MoMKE.runlog import read_result
-from MoMKE.selection import RULE_LABELS, RULES
+from MoMKE.selection import POOLS, RULE_LABELS, RULES
 from MoMKE.tables import (METRIC_NAMES, PERCENT_METRICS, Row, cell, published_value, router_table,
                           table_rows, unified_as_runs, variant)
 
@@ -37,17 +40,86 @@ ABLATION_ORDER = ("MoMKE", "no-stage1", "uniform-router", "self-experts", "froze
 Key = tuple[str, str, str]  # dataset, data source, base experiment
 
 
-def collect(paths: Iterable[Path]) -> list[dict]:
-    """Complete results below `paths`, each with the folder it came from."""
-    results = []
+@dataclass
+class Found:
+    """What the report found below its paths: the results it uses (one per run identity, each
+    with its folder) and every folder it skipped, with the reason."""
+
+    results: list[dict] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (folder, why)
+
+
+def collect(paths: Iterable[Path]) -> Found:
+    """Complete, well-formed results below `paths`, one per run identity; the rest is listed
+    in `skipped` with the reason (a copied run folder is the same run, not a second seed)."""
+    found, seen = Found(), {}
     for root in paths:
-        candidates = [root] if (root / "result.json").is_file() else root.rglob("result.json")
+        candidates = [root / "result.json"] if (root / "result.json").is_file() else \
+            sorted(root.rglob("result.json"))
         for path in candidates:
-            folder = path if path.is_dir() else path.parent
-            result = read_result(folder)
-            if result is not None:
-                results.append({**result, "folder": str(folder)})
-    return results
+            folder = str(path.parent)
+            try:
+                result = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                found.skipped.append((folder, f"result.json does not parse ({error})"))
+                continue
+            problem = result_problem(result)
+            if problem is not None:
+                found.skipped.append((folder, problem))
+                continue
+            key = _identity_key(result)
+            if key in seen:
+                found.skipped.append((folder, f"the same run (identity) as {seen[key]}: a copy, "
+                                              f"counted once"))
+                continue
+            seen[key] = folder
+            found.results.append({**result, "folder": folder})
+    return found
+
+
+def _identity_key(result: dict) -> tuple:
+    if "identity_hash" in result:
+        return ("identity", result["identity_hash"])
+    # Results written before run identities existed: their configuration hash, setting and seed.
+    return ("legacy", result.get("experiment"), result["setting"], result["seed"])
+
+
+def result_problem(result: object) -> str | None:
+    """Why a parsed result.json cannot be reported, in a few words; None when it can."""
+    if not isinstance(result, dict):
+        return "result.json is not an object"
+    if result.get("complete") is not True:
+        return "the run is not complete (interrupted before its result)"
+    missing = [k for k in ("dataset", "data_source", "protocol", "setting", "seed", "test",
+                           "config", "data") if k not in result]
+    if missing:
+        return f"result.json lacks {', '.join(missing)}"
+    if result["dataset"] not in DATASETS:
+        return f"unknown dataset {result['dataset']!r}"
+    if result["protocol"] not in ("fixed", "random", "unified") or not isinstance(
+            result["seed"], int) or not isinstance(result["config"], dict) or not isinstance(
+            result["data"], dict) or not isinstance(result["data"].get("features"), dict):
+        return "result.json has fields of the wrong type (protocol, seed, config or data)"
+    if result["protocol"] == "fixed" and result.get("condition") not in CONDITIONS:
+        return f"unknown condition {result.get('condition')!r}"
+    if result["protocol"] == "random" and not isinstance(result.get("missing_rate"),
+                                                         (int, float)):
+        return "a random-protocol result without a numeric missing_rate"
+    test = result["test"]
+    metrics = get_spec(result["dataset"]).metrics
+    if not isinstance(test, dict) or set(test) != set(RULES):
+        return f"its test metrics are not keyed by the rules {', '.join(RULES)}"
+    for rule, scores in test.items():
+        if scores is None:
+            continue
+        if not isinstance(scores, dict) or any(k not in scores for k in metrics):
+            return f"its {rule} test metrics lack some of {', '.join(metrics)}"
+        if any(not isinstance(scores[k], (int, float)) for k in metrics):
+            return (f"its {rule} test metrics hold null or non-numbers (a run that diverged "
+                    f"before the divergence guard existed); retrain it with --force")
+    if not isinstance(result.get("folds", []), list):
+        return "its folds are not a list"
+    return None
 
 
 def group(results: Sequence[dict]) -> dict[Key, list[dict]]:
@@ -80,12 +152,12 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
             + ["| " + " | ".join(line) + " |" for line in lines])
 
 
-def markdown(key: Key, results: list[dict], rows: list[Row]) -> str:
+def markdown(key: Key, results: list[dict], rows: list[Row], mae_corr: str = "all") -> str:
     dataset, source, _ = key
     metrics = get_spec(dataset).metrics
     kind = "SYNTHETIC data" if source == "synthetic" else "real data"
     out = [f"# {dataset}: MoMKE reproduction ({kind})", ""]
-    out += [f"- {line}" for line in header_lines(key, results)]
+    out += [f"- {line}" for line in header_lines(key, results, mae_corr)]
     for protocol, title in (("fixed", "Fixed missing protocol (one model per test condition)"),
                             ("random", "Random missing rate (one model per rate)")):
         chosen = [r for r in rows if r.protocol == protocol]
@@ -205,7 +277,7 @@ def _ablation_section(dataset: str, results: list[dict]) -> list[str]:
         _table(header, lines)
 
 
-def header_lines(key: Key, results: list[dict]) -> list[str]:
+def header_lines(key: Key, results: list[dict], mae_corr: str = "all") -> list[str]:
     dataset, source, base = key
     lines = []
     if source == "synthetic":
@@ -222,14 +294,26 @@ def header_lines(key: Key, results: list[dict]) -> list[str]:
     lines.append("Epoch rules: " + "; ".join(RULE_LABELS.values()) + ". Only the best-on-test "
                  "column is comparable with published MoMKE numbers, and it is optimistic by "
                  "construction.")
+    config = results[0]["config"]
+    pool = config.get("select_from", "stage2")
+    lines.append(f"Selection pool: {POOLS[pool]} (--select-from {pool}); expert hand-over: "
+                 f"{config.get('expert_handover', 'best')} (--expert-handover; best: each "
+                 f"modality's best stage-1 epoch, last: the released code's)"
+                 + ("; trained with --official." if config.get("official") else "."))
+    if "mae" in get_spec(dataset).metrics:
+        lines.append("MAE and Corr: " + ("on non-zero labels only (the official code's "
+                                         "definition; --mae-corr nonzero)." if mae_corr ==
+                                         "nonzero" else "on all utterances (MMSA's convention; "
+                                         "--mae-corr nonzero shows the official definition)."))
     if get_spec(dataset).num_folds > 1:
         lines.append("IEMOCAP values are means over the five leave-one-session-out folds.")
     differences = hyperparameter_differences(dataset, results[0]["config"])
     lines.append("Hyperparameters different from the paper's: "
                  + (", ".join(differences) if differences else "none") + ".")
     commits = sorted({r.get("source_version", "unknown") for r in results})
-    lines.append(f"Code version(s): {', '.join(commits)}; experiment `{base}`; "
-                 f"{len(results)} runs.")
+    codes = sorted({r.get("code_version", "not recorded") for r in results})
+    lines.append(f"Code version(s): git {', '.join(commits)}, computing code {', '.join(codes)}; "
+                 f"experiment `{base}`; {len(results)} runs (one per run identity).")
     return lines
 
 
@@ -268,7 +352,29 @@ def _setting_order(name: str) -> tuple[int, float]:
 
 # ----------------------------------------------------------------------------- CSV and files
 
-def csv_text(key: Key, results: list[dict]) -> str:
+MAE_CORR_NONZERO = {"mae": "mae_nonzero", "corr": "corr_nonzero"}
+
+
+def mae_corr_mode(choice: str, results: Sequence[dict]) -> str:
+    """'all' or 'nonzero': as chosen, or for 'auto' nonzero when every run was --official."""
+    if choice != "auto":
+        return choice
+    return "nonzero" if all(r["config"].get("official") for r in results) else "all"
+
+
+def with_nonzero_mae_corr(result: dict) -> dict:
+    """`result` with MAE and Corr replaced by their non-zero-label values at every rule."""
+    def swap(scores: dict | None) -> dict | None:
+        if scores is None:
+            return None
+        if any(not isinstance(scores.get(v), (int, float)) for v in MAE_CORR_NONZERO.values()):
+            raise ValueError("it holds no MAE/Corr on non-zero labels (written before they were "
+                             "kept); use --mae-corr all")
+        return {**scores, **{k: scores[v] for k, v in MAE_CORR_NONZERO.items()}}
+    return {**result, "test": {rule: swap(scores) for rule, scores in result["test"].items()}}
+
+
+def csv_text(key: Key, results: list[dict], mae_corr: str = "all") -> str:
     """Long format: one line per (variant, row, rule, metric)."""
     dataset, source, base = key
     out = io.StringIO()
@@ -288,29 +394,47 @@ def csv_text(key: Key, results: list[dict]) -> str:
                     if value is None:
                         continue
                     ref = published_value(dataset, row, metric) if rule == "best_test" else None
+                    shown = MAE_CORR_NONZERO.get(metric, metric) if mae_corr == "nonzero" \
+                        else metric
                     writer.writerow([
-                        dataset, source, base, name, row.protocol, row.label, rule, metric,
+                        dataset, source, base, name, row.protocol, row.label, rule, shown,
                         "percent" if metric in PERCENT_METRICS else "raw", f"{value[0]:.4f}",
                         f"{value[1]:.4f}", value[2], f"{ref.value:.2f}" if ref else "",
                         ref.source if ref else "", f"{value[0] - ref.value:.2f}" if ref else ""])
     return out.getvalue()
 
 
-def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True) -> list[Path]:
-    """Write tables (and plots) for every group of runs below `paths`; return the files."""
-    groups = group(collect(paths))
+def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_corr: str = "auto",
+                 skipped: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Write tables (and plots) for every group of runs below `paths`; return the files.
+    `mae_corr`: all, nonzero or auto (see `mae_corr_mode`). Folders it could not use are
+    appended to `skipped` as (folder, why)."""
+    found = collect(paths)
+    groups = group(found.results)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     datasets = [key[0] for key in groups]
     for key, members in groups.items():
         prefix = key[0] if datasets.count(key[0]) == 1 else f"{key[0]}-{key[1]}-{key[2]}"
-        rows = table_rows([r for r in members if variant(r) == "MoMKE"])
-        (out / f"{prefix}.md").write_text(markdown(key, members, rows))
-        (out / f"{prefix}.csv").write_text(csv_text(key, members))
+        try:
+            mode = mae_corr_mode(mae_corr, members) if "mae" in get_spec(key[0]).metrics \
+                else "all"
+            if mode == "nonzero":
+                members = [with_nonzero_mae_corr(r) for r in members]
+            rows = table_rows([r for r in members if variant(r) == "MoMKE"])
+            tables = markdown(key, members, rows, mode), csv_text(key, members, mode)
+        except Exception as error:  # noqa: BLE001 - one odd group must not cost the others
+            found.skipped += [(r["folder"], f"its group {prefix} could not be tabulated "
+                                            f"({type(error).__name__}: {error})") for r in members]
+            continue
+        (out / f"{prefix}.md").write_text(tables[0])
+        (out / f"{prefix}.csv").write_text(tables[1])
         written += [out / f"{prefix}.md", out / f"{prefix}.csv"]
         if plots:
             from MoMKE.plots import plot_group  # matplotlib only when plotting
             written += plot_group(key, members, rows, out, prefix)
+    if skipped is not None:
+        skipped.extend(found.skipped)
     return written
 
 
@@ -322,14 +446,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write the tables and plots (default: <first path>/report)")
     parser.add_argument("--no-plots", action="store_true", help="write tables only")
+    parser.add_argument("--mae-corr", choices=["auto", "all", "nonzero"], default="auto",
+                        help="MAE and Corr on all utterances (MMSA) or on non-zero labels (the "
+                             "official code); auto: nonzero for runs trained with --official, "
+                             "else all (default)")
     args = parser.parse_args(argv)
     missing = [p for p in args.paths if not p.exists()]
     if missing:
         print(f"error: {missing[0]} does not exist; pass the output folder of your runs.",
               file=sys.stderr)
         return 2
+    skipped: list[tuple[str, str]] = []
     written = write_report(args.paths, args.out or args.paths[0] / "report",
-                           plots=not args.no_plots)
+                           plots=not args.no_plots, mae_corr=args.mae_corr,
+                           skipped=skipped)
+    for folder, why in skipped:
+        print(f"skipped {folder}: {why}", file=sys.stderr)
     if not written:
         print(f"error: no complete run (result.json) below {', '.join(map(str, args.paths))}.",
               file=sys.stderr)

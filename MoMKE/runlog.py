@@ -1,25 +1,38 @@
-"""A run folder: its name, its files, and the logger that writes into it.
+"""A run folder: its identity, its files, the lock of its one writer, and the logger into it.
 
-From: SPEC §7.
+From: SPEC §6-7.
 
-    saved/<dataset>/<fixed-atv|random-0.3>_seed<seed>_<config hash>/
+    saved/<dataset>/<fixed-atv|random-0.14>_seed<seed>_<identity hash>/
         config.yaml        the resolved configuration (loadable with --config)
         run.log            the human log: one line per epoch, with timestamps
         epochs.jsonl       one JSON object per epoch: stage, metrics per split, seconds, memory
         result.json        the final result, written last: its presence marks a complete run
         checkpoint_fold<k>.pt   the selected weights of fold k and the model config
 
-Every file that is written whole is written atomically (temporary file, then rename), so a crash
-never leaves a half-written result that looks whole. The data source (real or synthetic) is in
-every file.
+Identity. A run is the resolved configuration, its exact setting (the rate as written, 0.14 is not
+0.1), the data fingerprint and the version of the code that computes a result. The folder name
+carries a hash of all of it, so two identities never share a folder, and a complete result is
+reused only when the identity stored in it matches.
+
+Atomicity. A run trains into `<folder>.attempt/` and replaces `<folder>` only once its result is
+written, so an interrupted or failed retrain (`--force` included) leaves the earlier result and
+checkpoints as they were; a failed attempt keeps its logs in `.attempt/` until the next one.
+
+One writer. `<folder>.lock` is held (flock) while a run trains; the OS releases it when the process
+dies, so a stale lock file never blocks, and a second process stops with a sentence naming the
+first.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +41,62 @@ from tqdm import tqdm
 
 from MoMKE.config import TrainConfig, config_to_yaml
 from MoMKE.protocols import MissingSetting
+from MoMKE.runtime import code_version
 from MoMKE.selection import json_safe
 
 log = logging.getLogger("MoMKE")
 
-# Settings that do not change what a run computes, left out of its folder name.
-_NOT_IN_IDENTITY = ("test_condition", "missing_rate", "seed", "device", "threads", "output_dir",
-                    "save_checkpoint", "reuse_stage1", "force", "config")
-
-
-def experiment_hash(config: TrainConfig, *, ignore: tuple[str, ...] = ()) -> str:
-    """Identifies the hyperparameters and data of a run, apart from condition/rate and seed
-    (and the fields in `ignore`: the report compares variants under one base experiment)."""
-    values = {k: v for k, v in config.to_dict().items()
-              if k not in _NOT_IN_IDENTITY and k not in ignore}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
-
-
+# Fields that do not change what a run computes. The data root is replaced by the fingerprint of
+# the data found there; the condition and rate by the setting. Thread count and device change
+# float rounding only (documented in the README), not the experiment.
+_NOT_IN_IDENTITY = ("test_condition", "missing_rate", "data_root", "device", "threads",
+                    "output_dir", "save_checkpoint", "reuse_stage1", "force", "config")
 VARIANT_FIELDS = ("ablation", "train_missing")  # what tells MoMKE, its ablations and unified apart
 
 
-def run_folder(config: TrainConfig, setting: MissingSetting) -> Path:
-    return (Path(config.output_dir) / config.dataset
-            / f"{setting.name}_seed{config.seed}_{experiment_hash(config)}")
+class RunLocked(RuntimeError):
+    """Another live process is training the same run folder."""
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def run_identity(config: TrainConfig, setting: MissingSetting, fingerprint: str) -> dict:
+    """Everything a run's numbers depend on: stored in its result, hashed into its folder name."""
+    return {"config": {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_IDENTITY},
+            "setting": setting.name, "data": fingerprint, "code": code_version(),
+            "torch": torch.__version__}
+
+
+def identity_hash(identity: dict) -> str:
+    return _digest(identity)
+
+
+def experiment_hash(identity: dict, *, ignore: tuple[str, ...] = ()) -> str:
+    """The identity without seed and setting (and the config fields in `ignore`): the runs that
+    one table aggregates. The report groups MoMKE and its variants by it with `VARIANT_FIELDS`
+    ignored."""
+    config = {k: v for k, v in identity["config"].items() if k != "seed" and k not in ignore}
+    return _digest({**identity, "config": config, "setting": None})[:10]
+
+
+def run_folder(config: TrainConfig, setting: MissingSetting, fingerprint: str) -> Path:
+    digest = identity_hash(run_identity(config, setting, fingerprint))[:12]
+    return Path(config.output_dir) / config.dataset / f"{setting.name}_seed{config.seed}_{digest}"
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write a whole file through a temporary sibling and a rename: never half-written."""
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     temporary.write_bytes(content.encode() if isinstance(content, str) else content)
+    os.replace(temporary, path)
+
+
+def save_atomic(path: Path, payload: Any) -> None:
+    """`torch.save` through a temporary sibling and a rename."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, temporary)
     os.replace(temporary, path)
 
 
@@ -63,48 +104,132 @@ def write_json(path: Path, value: Any) -> None:
     write_atomic(path, json.dumps(json_safe(value), indent=2) + "\n")
 
 
-def read_result(folder: Path) -> dict | None:
-    """The result of a complete run folder, or None (absent, partial or unreadable)."""
+def read_result(folder: Path, identity: dict | None = None) -> dict | None:
+    """The result of a complete run folder, or None (absent, partial, unreadable, or, when
+    `identity` is given, computed for another identity)."""
     try:
         result = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    return result if result.get("complete") is True else None
+    if not isinstance(result, dict) or result.get("complete") is not True:
+        return None
+    if identity is not None and result.get("identity_hash") != identity_hash(identity):
+        return None
+    return result
+
+
+class RunLock:
+    """An exclusive flock on `<folder>.lock` for as long as a run trains."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder.with_name(folder.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                os.close(fd)
+                if error.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise RunLocked(f"{self.path.with_suffix('')} is being trained by another "
+                                f"process ({self._holder()}); wait for it to finish or stop it, "
+                                f"then run again.") from None
+            # The holder before us may have removed the file after we opened it: lock the file
+            # that is at the path now, or two processes could each hold a lock.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def _holder(self) -> str:
+        try:
+            holder = json.loads(self.path.read_text())
+            return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "its pid is not recorded yet"
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class RunFolder:
-    """Files of one run; `open` starts it afresh, removing what an interrupted attempt left."""
+    """The files of one run. `open` starts a fresh attempt in `<path>.attempt/`; `commit`
+    replaces `<path>` with it once the result is written. Call both under the run's lock."""
 
     def __init__(self, path: Path, data_source: str) -> None:
         self.path = path
+        self.attempt = path.with_name(path.name + ".attempt")
         self.data_source = data_source
         self._handler: logging.Handler | None = None
 
     def open(self, config: TrainConfig, header: str) -> None:
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
-        write_atomic(self.path / "config.yaml",
+        if self.attempt.exists():
+            shutil.rmtree(self.attempt)  # what an interrupted or failed attempt left
+        self.attempt.mkdir(parents=True)
+        write_atomic(self.attempt / "config.yaml",
                      f"# MoMKE run configuration; load it again with --config (flags override).\n"
                      f"# data: {header}\n" + config_to_yaml(config))
-        (self.path / "epochs.jsonl").touch()
-        self._handler = logging.FileHandler(self.path / "run.log")
+        (self.attempt / "epochs.jsonl").touch()
+        self._handler = logging.FileHandler(self.attempt / "run.log")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self._handler.setLevel(logging.DEBUG)
         log.addHandler(self._handler)
 
+    @property
+    def log_file(self) -> Path:
+        """The run log of this attempt while it trains or after it failed, else the result's."""
+        return self.attempt / "run.log" if self.attempt.exists() else self.path / "run.log"
+
     def append_epoch(self, record: dict) -> None:
-        with (self.path / "epochs.jsonl").open("a") as handle:
+        with (self.attempt / "epochs.jsonl").open("a") as handle:
             handle.write(json.dumps(json_safe({"data_source": self.data_source, **record})) + "\n")
 
     def save_checkpoint(self, fold: int, payload: dict) -> None:
-        temporary = self.path / f"checkpoint_fold{fold}.pt.{os.getpid()}.tmp"
-        torch.save(payload, temporary)
-        os.replace(temporary, self.path / f"checkpoint_fold{fold}.pt")
+        save_atomic(self.attempt / f"checkpoint_fold{fold}.pt", payload)
+
+    def save_predictions(self, arrays: dict[str, Any]) -> None:
+        """The test predictions of the selected epochs (`MoMKE/predictions.py`)."""
+        import numpy as np
+        temporary = self.attempt / f"predictions.{os.getpid()}.tmp.npz"
+        np.savez_compressed(temporary, **arrays)
+        os.replace(temporary, self.attempt / "predictions.npz")
 
     def write_result(self, result: dict) -> None:
-        write_json(self.path / "result.json", {"data_source": self.data_source, **result,
-                                               "complete": True})
+        write_json(self.attempt / "result.json", {"data_source": self.data_source, **result,
+                                                  "complete": True})
+
+    def commit(self) -> None:
+        """Put the finished attempt in place of the earlier folder (whose files stay intact up
+        to this point)."""
+        self.close()
+        previous = self.path.with_name(self.path.name + f".replaced-{os.getpid()}")
+        if self.path.exists():
+            os.replace(self.path, previous)
+        os.replace(self.attempt, self.path)
+        if previous.exists():
+            shutil.rmtree(previous)
 
     def close(self) -> None:
         if self._handler is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import hashlib
 import resource
 import subprocess
 import sys
@@ -50,6 +51,28 @@ def peak_memory(device: torch.device) -> dict[str, float | str]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return {"device": "cpu", "memory": "peak_rss", "peak_memory_mb": peak * scale / 2**20}
+
+
+# Modules that only plan, schedule or present runs: a change to them changes no number, so they
+# are left out of the code version that is part of every run's identity.
+_PRESENTATION = frozenset({"report.py", "tables.py", "plots.py", "published.py", "bench.py",
+                           "sweep.py", "executors.py"})
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """A digest of the source of every module that computes a result (the data reading, the
+    model, training, selection, metrics): part of a run's identity and of the stage-1 cache key,
+    so results of changed code are never reused. Comments count too: a false retrain is cheap, a
+    stale result is not."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "MoMKE").glob("*.py"), *(root / "dataloader").glob("*.py")]):
+        if path.name in _PRESENTATION:
+            continue
+        digest.update(f"{path.parent.name}/{path.name}\n".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @lru_cache(maxsize=1)

@@ -4,14 +4,15 @@ From: SPEC §5 (stage 1 sees complete data in the fixed protocol, so all seven c
 in the random protocol it depends on the rate). A cached stage 1 holds everything stage 2 starts
 from: the weights after the hand-over, the Adam state, the random-number states, and the stage-1
 epoch records, so a run that reuses it computes exactly what a run retraining it computes.
-The key covers every setting stage 1 depends on; files live in `<output-dir>/_stage1/`.
+The key is the run identity restricted to what stage 1 depends on (its settings, the data
+fingerprint, the code version), plus the fold; files live in `<output-dir>/_stage1/`. A file that
+does not load, or holds other keys or shapes than this model's, is retrained with one warning.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -19,20 +20,29 @@ import torch
 from dataloader.gcnet import MultimodalDataset
 from MoMKE.config import TrainConfig
 from MoMKE.protocols import MissingSetting
+from MoMKE.runlog import save_atomic
+from MoMKE.runtime import code_version
 
 log = logging.getLogger("MoMKE")
 
 # Settings stage 1 depends on. Not here: epochs (stage 2 length), conditions, rates, output options.
 _STAGE1_FIELDS = ("dataset", "audio_feature", "text_feature", "video_feature", "stage_epochs",
                   "batch_size", "chunk_utterances", "lr", "l2", "expert_handover", "hidden",
-                  "depth", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate", "seed", "amp")
+                  "depth", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate", "seed", "amp",
+                  "select_from")
+SNAPSHOT_KEYS = frozenset({"model", "optimizer", "rng_torch", "rng_data", "rng_cuda", "records",
+                           "handover"})
+
+
+def _stage1_identity(config: TrainConfig, setting: MissingSetting) -> dict:
+    return {**{name: getattr(config, name) for name in _STAGE1_FIELDS},
+            "missing": setting.stage1_key, "code": code_version(), "torch": torch.__version__}
 
 
 def key_for(config: TrainConfig, data: MultimodalDataset, fold: int, setting: MissingSetting,
             device: torch.device) -> str:
-    payload = {name: getattr(config, name) for name in _STAGE1_FIELDS}
-    payload.update(fold=fold, missing=setting.stage1_key, device=device.type,
-                   data=data.fingerprint, version=1)
+    payload = {**_stage1_identity(config, setting), "fold": fold, "device": device.type,
+               "data": data.fingerprint}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -40,8 +50,8 @@ def group_key(config: TrainConfig, setting: MissingSetting) -> str | None:
     """Runs with the same group key share one stage 1 (on every fold); None: no stage 1."""
     if config.stage_epochs == 0 or config.ablation == "no-stage1":
         return None
-    payload = {name: getattr(config, name) for name in _STAGE1_FIELDS}
-    payload.update(data_root=config.data_root, missing=setting.stage1_key, device=config.device)
+    payload = {**_stage1_identity(config, setting), "data_root": config.data_root,
+               "device": config.device}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -49,20 +59,44 @@ def path_for(config: TrainConfig, key: str) -> Path:
     return Path(config.output_dir) / "_stage1" / f"{config.dataset}-{key}.pt"
 
 
-def load(config: TrainConfig, key: str) -> dict | None:
+def load(config: TrainConfig, key: str, model_state: dict[str, torch.Tensor]) -> dict | None:
+    """The cached snapshot, or None when there is none or it cannot be used as it is (then it
+    is retrained and overwritten). `model_state` is the state dict of the model it must fit."""
     path = path_for(config, key)
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a damaged cache is retrained, never trusted
-        log.warning("stage-1 cache %s is unreadable (%s); training stage 1 again", path, error)
-        return None
+        snapshot = torch.load(path, map_location="cpu", weights_only=True)
+        problem = _problem(snapshot, model_state)
+    except Exception as error:  # noqa: BLE001 - any damage means: retrain, never trust
+        problem = f"it does not load ({type(error).__name__}: {error})"
+    if problem is None:
+        return snapshot
+    log.warning("stage-1 cache %s is unusable: %s; training stage 1 again", path, problem)
+    return None
+
+
+def _problem(snapshot: object, model_state: dict[str, torch.Tensor]) -> str | None:
+    if not isinstance(snapshot, dict) or set(snapshot) != SNAPSHOT_KEYS:
+        keys = sorted(snapshot) if isinstance(snapshot, dict) else type(snapshot).__name__
+        return f"it holds {keys}, not {sorted(SNAPSHOT_KEYS)}"
+    weights = snapshot["model"]
+    if not isinstance(weights, dict) or set(weights) != set(model_state):
+        return "its weights are not this model's (other parameter names)"
+    for name, value in weights.items():
+        expected = model_state[name]
+        if not isinstance(value, torch.Tensor) or value.shape != expected.shape \
+                or value.dtype != expected.dtype:
+            return f"its weight {name} has another shape or dtype than this model's"
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"its weight {name} holds non-finite values"
+    if not isinstance(snapshot["records"], list) or not all(
+            isinstance(r, dict) and r.get("stage") == 1 for r in snapshot["records"]):
+        return "its epoch records are malformed"
+    return None
 
 
 def save(config: TrainConfig, key: str, snapshot: dict) -> None:
     path = path_for(config, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(snapshot, temporary)
-    os.replace(temporary, path)
+    save_atomic(path, snapshot)

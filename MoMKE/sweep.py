@@ -25,15 +25,17 @@ from typing import Sequence
 
 from dataloader.datasets import get_spec
 from dataloader.errors import DataError
-from dataloader.gcnet import feature_names_from, load_dataset
+from dataloader.gcnet import data_fingerprint, feature_names_from, load_dataset
 from dataloader.synthetic import generate
 from MoMKE import stage1_cache, train
 from MoMKE.ablations import ABLATIONS
-from MoMKE.config import ConfigError, TrainConfig, parse_config
+from MoMKE.config import ConfigError, TrainConfig, check_seed, parse_config
 from MoMKE.executors import SweepSummary, import_ray, run_on_ray
 from MoMKE.protocols import MissingSetting, settings_from
-from MoMKE.runlog import read_result, run_folder, setup_console_logging
+from MoMKE.runlog import (RunFolder, RunLocked, read_result, run_folder, run_identity,
+                          setup_console_logging)
 from MoMKE.runtime import resolve_device
+from MoMKE.trainer import Diverged
 
 log = logging.getLogger("MoMKE")
 
@@ -46,10 +48,16 @@ class RunSpec:
 
     config: TrainConfig
     setting: MissingSetting
+    fingerprint: str  # of the data the run reads (`dataloader.gcnet.data_fingerprint`)
 
     @property
     def folder(self) -> Path:
-        return run_folder(self.config, self.setting)
+        return run_folder(self.config, self.setting, self.fingerprint)
+
+    @property
+    def log_file(self) -> Path:
+        """The run log: of the failed or running attempt when there is one, else the result's."""
+        return RunFolder(self.folder, "").log_file
 
     @property
     def label(self) -> str:
@@ -62,7 +70,8 @@ class RunSpec:
         return stage1_cache.group_key(self.config, self.setting)
 
     def is_complete(self) -> bool:
-        return read_result(self.folder) is not None
+        identity = run_identity(self.config, self.setting, self.fingerprint)
+        return read_result(self.folder, identity) is not None
 
 
 def plan(config: TrainConfig, seeds: Sequence[int], *, unified: str | None = None,
@@ -70,6 +79,8 @@ def plan(config: TrainConfig, seeds: Sequence[int], *, unified: str | None = Non
     """Every (seed, variant, setting) as its own config: MoMKE on each condition and rate, each
     ablation on the same, and optionally one unified model per seed. Runs sharing a stage 1 stay
     next to each other, so the first trains it and the others reuse it."""
+    fingerprint = data_fingerprint(config.dataset, config.data_root, feature_names_from(
+        config.audio_feature, config.text_feature, config.video_feature))
     variants = [dataclasses.replace(config, ablation="none")]
     variants += [dataclasses.replace(config, ablation=name) for name in ablations]
     runs = []
@@ -80,10 +91,10 @@ def plan(config: TrainConfig, seeds: Sequence[int], *, unified: str | None = Non
                     variant, seed=seed, train_missing="run",
                     test_condition=[setting.condition] if setting.protocol == "fixed" else [],
                     missing_rate=[setting.rate] if setting.protocol == "random" else [])
-                runs.append(RunSpec(single, setting))
+                runs.append(RunSpec(single, setting, fingerprint))
         if unified:
             single = dataclasses.replace(config, seed=seed, ablation="none", train_missing=unified)
-            runs.append(RunSpec(single, settings_from([], [], unified)[0]))
+            runs.append(RunSpec(single, settings_from([], [], unified)[0], fingerprint))
     return runs
 
 
@@ -103,7 +114,10 @@ def run_locally(runs: Sequence[RunSpec]) -> SweepSummary:
         try:
             train.run(run.config, data, run.setting, device)
             summary.trained.append(run)
-        except Exception as error:  # the sweep goes on; the summary names the failure
+        except (Diverged, RunLocked) as error:  # said in one sentence; the sweep goes on
+            log.error("%s failed: %s", run.label, error)
+            summary.failed.append((run, f"{type(error).__name__}: {error}"))
+        except Exception as error:  # unexpected: with its traceback; the sweep goes on
             log.error("%s failed: %s\n%s", run.label, error, traceback.format_exc())
             summary.failed.append((run, f"{type(error).__name__}: {error}"))
     return summary
@@ -168,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(train_args)
         seeds = _seeds(args.seeds, config.seed)
+        train.check_output_dir(config.output_dir)
         if args.launcher == "ray":
             import_ray()  # say how to install it before anything else happens
         config = resolve_data_root(config, args.synthetic_fallback)
@@ -211,6 +226,8 @@ def _seeds(text: str | None, default: int) -> list[int]:
         raise ConfigError(f"--seeds {text!r} must be integers, e.g. '66,67,68'.") from None
     if not seeds:
         raise ConfigError("--seeds is empty; give at least one seed.")
+    for seed in seeds:
+        check_seed(seed)
     return seeds
 
 

@@ -34,8 +34,10 @@ class Row:
 
 def table_rows(results: Sequence[dict]) -> list[Row]:
     rows = []
+    rates = sorted({round(float(r["missing_rate"]), 6) for r in results
+                    if r["protocol"] == "random"} | set(RATES))  # every rate run, not only 0.1 steps
     for protocol, keys, field in (("fixed", CONDITIONS, "condition"),
-                                  ("random", RATES, "missing_rate")):
+                                  ("random", rates, "missing_rate")):
         chosen = [Row(str(k), protocol, k, [r for r in results if r["protocol"] == protocol
                                             and _same(r[field], k)]) for k in keys]
         chosen = [row for row in chosen if row.results]

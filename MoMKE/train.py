@@ -23,12 +23,13 @@ from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset
 from MoMKE.config import ConfigError, TrainConfig, config_to_yaml, parse_config
 from MoMKE.protocols import MissingSetting, settings_from
 from MoMKE.ablations import variant_name
-from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, experiment_hash, read_result, run_folder,
+from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, RunLock, RunLocked, experiment_hash,
+                          identity_hash, read_result, run_folder, run_identity,
                           setup_console_logging)
-from MoMKE.runtime import resolve_device, source_version
+from MoMKE.runtime import code_version, resolve_device, source_version
 from MoMKE.masks import CONDITIONS
 from MoMKE.selection import RULE_LABELS, fold_summary, mean_over_folds, mean_router
-from MoMKE.trainer import FoldTrainer, model_config_for
+from MoMKE.trainer import Diverged, FoldTrainer, model_config_for
 
 log = logging.getLogger("MoMKE")
 
@@ -38,9 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(argv)
         device = resolve_device(config.device)
+        check_output_dir(config.output_dir)
         data = load_dataset(config.dataset, config.data_root, feature_names_from(
             config.audio_feature, config.text_feature, config.video_feature))
-        _check_output_dir(config)
     except (ConfigError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -49,30 +50,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     if data.data_source == "synthetic":
         log.warning("SYNTHETIC DATA (%s): every number below is measured on generated features "
                     "and is not comparable with the paper", data.root)
+    failed = 0
     for setting in settings_from(config.test_condition, config.missing_rate, config.train_missing):
-        run(config, data, setting, device)
-    return 0
+        try:
+            run(config, data, setting, device)
+        except Diverged:  # logged by `run`, console included
+            failed += 1
+        except RunLocked as error:
+            print(f"error: {error}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
         device: torch.device) -> dict:
-    """Train every fold of one setting into its run folder; return the result written."""
-    folder = RunFolder(run_folder(config, setting), data.data_source)
-    if not config.force and (done := read_result(folder.path)) is not None:
-        log.info("%s is complete already; skipping it (use --force to retrain)", folder.path)
-        return done
-    header = _data_header(data)
-    folder.open(config, header)
-    try:
-        log.info("run %s %s seed %d -> %s [%s]", config.dataset, setting.name, config.seed,
-                 folder.path, header)
-        with torch_threads(config.threads):
-            result = _train_folds(config, data, setting, device, folder)
-        folder.write_result(result)
-        _log_result(result, data)
-        return result
-    finally:
-        folder.close()
+    """Train every fold of one setting into its run folder; return the result written.
+
+    Under the run's lock: a complete result of the same identity is returned as it is (unless
+    `--force`); otherwise the run trains into a fresh attempt folder that replaces the run folder
+    only once its result is written. Raises Diverged (no result written; an earlier result stays)
+    and RunLocked (another process trains this run)."""
+    identity = run_identity(config, setting, data.fingerprint)
+    folder = RunFolder(run_folder(config, setting, data.fingerprint), data.data_source)
+    with RunLock(folder.path):
+        if not config.force and (done := read_result(folder.path, identity)) is not None:
+            log.info("%s is complete already; skipping it (use --force to retrain)", folder.path)
+            return done
+        header = _data_header(data)
+        folder.open(config, header)
+        try:
+            log.info("run %s %s seed %d -> %s [%s]", config.dataset, setting.name, config.seed,
+                     folder.path, header)
+            with torch_threads(config.threads):
+                result = _train_folds(config, data, setting, device, folder)
+            result.update(identity=identity, identity_hash=identity_hash(identity),
+                          experiment=experiment_hash(identity),
+                          base_experiment=experiment_hash(identity, ignore=VARIANT_FIELDS))
+            folder.write_result(result)
+            folder.commit()
+        except Diverged as error:
+            log.error("%s (log: %s)", error, folder.log_file)
+            raise
+        finally:
+            folder.close()
+    _log_result(result, data)
+    return result
 
 
 def train_stage1(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
@@ -103,7 +125,7 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
                  device: torch.device, folder: RunFolder) -> dict:
     builder = BatchBuilder(data, device)
     folds = [k - 1 for k in config.folds] if config.folds else range(len(data.folds))
-    summaries, seconds, handovers, reused = [], [], [], []
+    summaries, seconds, handovers, reused, predictions = [], [], [], [], {}
     started = time.perf_counter()
     for fold in folds:
         name = data.folds[fold].name
@@ -114,7 +136,8 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
             outcome = trainer.run(lambda record: _on_epoch(record, folder, progress, data),
                                   progress)
         summaries.append({"fold": fold + 1, "name": name,
-                          **_summaries(outcome.records, data, setting)})
+                          **_summaries(outcome.records, data, setting, config.select_from)})
+        predictions.update(_prediction_arrays(data, fold, outcome.predictions))
         seconds.append(outcome.seconds)
         handovers.append(outcome.handover)
         reused.append(outcome.stage1_reused)
@@ -125,11 +148,13 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
                 "epoch": outcome.checkpoint["epoch"], "rule": outcome.checkpoint["rule"],
                 "dataset": data.spec.name, "data_source": data.data_source,
                 "setting": setting.name, "seed": config.seed})
+    folder.save_predictions(predictions)
     return {
         "dataset": data.spec.name, "protocol": setting.protocol, "condition": setting.condition,
         "missing_rate": setting.rate, "seed": config.seed, "setting": setting.name,
         "selection_metric": data.spec.selection_metric, "units": "fraction (0.8123 = 81.23 %)",
-        "rules": RULE_LABELS, **_aggregate(summaries, setting),
+        "rules": RULE_LABELS, "selection_pool": config.select_from,
+        "expert_handover": config.expert_handover, **_aggregate(summaries, setting),
         "handover": handovers, "stage1_reused": reused,
         "seconds": {"total": time.perf_counter() - started,
                     "stage1": sum(s["stage1"] for s in seconds),
@@ -139,17 +164,33 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
                  "utterances": data.num_utterances, "empty_faces": data.empty_faces,
                  "synthetic": read_marker(data.root)},
         "device": str(device), "config": config.to_dict(),
-        "experiment": experiment_hash(config), "variant": variant_name(config.to_dict()),
-        "base_experiment": experiment_hash(config, ignore=VARIANT_FIELDS),
-        "source_version": source_version(),
+        "variant": variant_name(config.to_dict()),
+        "source_version": source_version(), "code_version": code_version(),
+        "predictions": "predictions.npz",
     }
 
 
-def _summaries(records: list[dict], data: MultimodalDataset, setting: MissingSetting) -> dict:
+def _prediction_arrays(data: MultimodalDataset, fold: int,
+                       selected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One fold's entries of `predictions.npz`: the test utterances (ids, conversation index
+    within the test split, labels, in the order of the predictions) and the predictions of the
+    epochs each rule selected, '<view>__<rule>' ('run' is the run's own evaluation)."""
+    conversations = list(data.folds[fold].test)
+    rows = np.concatenate([np.arange(data.offsets[c], data.offsets[c + 1]) for c in conversations])
+    lengths = data.lengths()[conversations]
+    prefix = f"fold{fold + 1}__"
+    return {prefix + "ids": data.utterance_ids[rows],
+            prefix + "conversation": np.repeat(np.arange(len(conversations)), lengths),
+            prefix + "labels": data.labels[rows],
+            **{prefix + key: values for key, values in selected.items()}}
+
+
+def _summaries(records: list[dict], data: MultimodalDataset, setting: MissingSetting,
+               pool: str) -> dict:
     """One fold's selected epochs; for the unified model, per condition and rate evaluated."""
     metric = data.spec.selection_metric
     if setting.protocol != "unified":
-        return fold_summary(records, metric)
+        return fold_summary(records, metric, pool=pool)
     views = [s.name for s in setting.evaluation_settings(stage=2)]
     return {"evaluations": {view: fold_summary(records, metric, view) for view in views}}
 
@@ -219,15 +260,15 @@ def _data_header(data: MultimodalDataset) -> str:
     return f"real data from {data.root}"
 
 
-def _check_output_dir(config: TrainConfig) -> None:
-    """Refuse before any training when results could not be written."""
-    target = Path(config.output_dir)
+def check_output_dir(output_dir: str) -> None:
+    """Refuse before any training when results could not be written below `output_dir`."""
+    target = Path(output_dir)
     probe = target
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output-dir {target} is not writable (checked {probe}); choose a "
-                          f"folder you can write to.")
+        raise ConfigError(f"--output-dir {target} is not a writable folder (checked {probe}); "
+                          f"choose a folder you can write to.")
 
 
 if __name__ == "__main__":

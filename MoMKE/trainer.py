@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,6 +27,7 @@ from MoMKE.masks import CONDITIONS
 from MoMKE.metrics import task_metrics
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE
 from MoMKE.protocols import MissingSetting
+from MoMKE.selection import VIEW, SelectedPredictions, in_pool, scores_of
 from MoMKE.runtime import HeapTrimmer, autocast, peak_memory
 from MoMKE import stage1_cache
 
@@ -42,6 +44,11 @@ class FoldOutcome:
     checkpoint: dict | None  # {"state", "epoch", "rule"}
     seconds: dict[str, float] = field(default_factory=dict)
     stage1_reused: bool = False
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # see SelectedPredictions
+
+
+class Diverged(RuntimeError):
+    """A loss, an output or a metric became NaN or infinite: the run stops, no result is kept."""
 
 
 def model_config_for(config: TrainConfig, data: MultimodalDataset) -> ModelConfig:
@@ -70,6 +77,8 @@ class FoldTrainer:
         # in one pass over the parameters instead of a dozen small operations per tensor.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,
                                           weight_decay=config.l2, fused=True)
+        self.selected = SelectedPredictions(data.spec.selection_metric, config.select_from)
+        self._best_val, self._checkpoint = -np.inf, None
 
     # ------------------------------------------------------------------ the two stages
 
@@ -81,7 +90,8 @@ class FoldTrainer:
         records, checkpoint = self.stage2(records, on_epoch, progress)
         total = time.perf_counter() - started
         return FoldOutcome(records, handover, checkpoint,
-                           {"stage1": stage1_seconds, "stage2": total - stage1_seconds}, reused)
+                           {"stage1": stage1_seconds, "stage2": total - stage1_seconds}, reused,
+                           self.selected.arrays(records))
 
     def stage1(self, on_epoch: Callable[[dict], None],
                progress: tqdm | None = None) -> tuple[list[dict], dict | None, bool]:
@@ -90,7 +100,12 @@ class FoldTrainer:
         if not has_stage1(config):
             return [], None, False
         key = stage1_cache.key_for(config, self.data, self.fold, self.setting, self.device)
-        cached = stage1_cache.load(config, key) if config.reuse_stage1 else None
+        cached = stage1_cache.load(config, key, self.model.state_dict()) \
+            if config.reuse_stage1 else None
+        if cached is not None and config.select_from == "all":
+            log.info("stage 1 found in the cache, but --select-from all needs its test "
+                     "predictions, which the cache does not keep: training it again")
+            cached = None
         if cached is not None:
             self._restore(cached)
             for record in cached["records"]:
@@ -115,26 +130,31 @@ class FoldTrainer:
         if config.ablation == "frozen-experts":
             for parameter in self.model.expert_parameters():
                 parameter.requires_grad_(False)  # Adam skips parameters without gradients
-        best_val, checkpoint = -np.inf, None
         for epoch in range(config.stage_epochs + 1, config.epochs + 1):
-            record = self._epoch(2, epoch, on_epoch, progress)
-            records.append(record)
-            if config.save_checkpoint and self.splits["val"] \
-                    and self._validation_score(record) > best_val:
-                best_val = self._validation_score(record)
-                checkpoint = {"state": self._copy_weights(checkpoint), "epoch": epoch,
-                              "rule": "best_val"}
+            records.append(self._epoch(2, epoch, on_epoch, progress))
         if config.save_checkpoint and not self.splits["val"]:
-            checkpoint = {"state": self._copy_weights(None), "epoch": config.epochs,
-                          "rule": "last"}
-        return records, checkpoint
+            self._checkpoint = {"state": self._copy_weights(None), "epoch": config.epochs,
+                                "rule": "last"}
+        return records, self._checkpoint
+
+    def _keep_checkpoint(self, record: dict) -> None:
+        """Copy the weights when `record` is the best-on-validation epoch so far, among the
+        epochs the selection rules choose from (`--select-from`)."""
+        if not (self.config.save_checkpoint and self.splits["val"]) or not in_pool(
+                record, self.config.select_from):
+            return
+        score = self._validation_score(record)
+        if score > self._best_val:
+            self._best_val = score
+            self._checkpoint = {"state": self._copy_weights(self._checkpoint),
+                                "epoch": record["epoch"], "rule": "best_val"}
 
     def _validation_score(self, record: dict) -> float:
         """The checkpoint criterion: the selection metric on validation (for the unified model,
         its mean over the seven fixed conditions)."""
         metric = self.data.spec.selection_metric
         if self.setting.protocol != "unified":
-            return record["val"][metric]
+            return scores_of(record, "val")[metric]
         return float(np.mean([record["val"][f"fixed-{c}"][metric] for c in CONDITIONS]))
 
     def _copy_weights(self, previous: dict | None) -> dict[str, torch.Tensor]:
@@ -159,14 +179,27 @@ class FoldTrainer:
         started = time.perf_counter()
         record = {"fold": self.fold + 1, "stage": stage, "epoch": epoch,
                   "train": self._train_epoch(stage)}
+        predictions = {}
         for split in ("val", "test"):
-            record[split] = self._evaluate(split, stage) if self.splits[split] else None
-        if stage == 1:
-            self._track_best_experts(record, epoch)
+            record[split], predictions[split] = self._evaluate(split, stage) \
+                if self.splits[split] else (None, {})
         self.heap.after_epoch()
         record["seconds"] = time.perf_counter() - started
         record.update(peak_memory(self.device))
         on_epoch(record)
+        problem = _non_finite(record) or _non_finite(
+            {split: {view: float(np.abs(p).sum()) for view, p in by_view.items()}
+             for split, by_view in predictions.items()})
+        if problem is not None:
+            raise Diverged(
+                f"{self.data.spec.name} {self.setting.name} fold {self.fold + 1}: training "
+                f"diverged at stage {stage} epoch {epoch} ({problem} is not finite); no result "
+                f"was written. Try a lower --lr (now {self.config.lr:g}) or check the features "
+                f"for extreme values.")
+        if stage == 1:
+            self._track_best_experts(record, epoch)
+        self._keep_checkpoint(record)
+        self.selected.add(record, predictions["test"])
         if progress is not None:
             progress.update(1)
         return record
@@ -211,21 +244,34 @@ class FoldTrainer:
         return collected.metrics(self.regression)
 
     @torch.inference_mode()
-    def _evaluate(self, split: str, stage: int) -> dict:
-        """Metrics of `split` under the run's setting; for the unified model in stage 2, a dict
-        of such metrics keyed by every condition and rate it is evaluated on."""
+    def _evaluate(self, split: str, stage: int) -> tuple[dict, dict[str, np.ndarray]]:
+        """Metrics of `split` under the run's setting (for the unified model in stage 2, a dict
+        of such metrics keyed by every condition and rate it is evaluated on), and the fused
+        predictions per evaluated setting, in the split's utterance order. With `--select-from
+        all`, a stage-1 pass also runs the fused head (untrained) on the stage-1 masks, as the
+        official code's test pass does, under the key "fused"."""
         self.model.eval()
-        results = {}
+        results, predictions = {}, {}
+        fused_too = stage == 1 and self.config.select_from == "all"
         for setting in self.setting.evaluation_settings(stage):
             collected = _Collector(stage)
+            fused = _Collector(2) if fused_too else None
             for batch in self._evaluation_batches(split, stage, setting):
                 with autocast(self.device, self.config.amp):
                     output = self.model(batch.packed_features(), batch.layout, stage)
-                collected.add(output, batch, self.regression)
+                    collected.add(output, batch, self.regression)
+                    if fused is not None:
+                        fused.add(self.model(batch.packed_features(), batch.layout, 2), batch,
+                                  self.regression)
             results[setting.name] = collected.metrics(self.regression)
+            if fused is not None:
+                results[setting.name]["fused"] = fused.metrics(self.regression)
+            source = fused if fused is not None else collected if stage == 2 else None
+            if source is not None:
+                predictions[setting.name] = source.predictions(self.regression)
         if self.setting.protocol == "unified" and stage == 2:
-            return results
-        return next(iter(results.values()))
+            return results, predictions
+        return next(iter(results.values())), {VIEW: p for p in predictions.values()}
 
     def _evaluation_batches(self, split: str, stage: int, setting: MissingSetting) -> list[Batch]:
         """Built once per split, setting and stage: evaluation masks stay fixed across epochs."""
@@ -261,6 +307,22 @@ class FoldTrainer:
         self.generator.set_state(cached["rng_data"])
         if self.device.type == "cuda":
             torch.cuda.set_rng_state(cached["rng_cuda"], self.device)
+
+
+def _non_finite(value: object, path: str = "") -> str | None:
+    """The name of the first NaN or infinite number in a record (e.g. 'test loss'), or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _non_finite(item, f"{path} {key}".strip())
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            if found := _non_finite(item, path):
+                return found
+    elif isinstance(value, float) and not math.isfinite(value):
+        return path
+    return None
 
 
 def _chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
@@ -313,6 +375,11 @@ class _Collector:
             self.router_sums[m] = self.router_sums[m] + total if m in self.router_sums else total
             self.router_counts[m] = self.router_counts.get(m, 0) + weights.shape[0]
         return loss
+
+    def predictions(self, regression: bool) -> np.ndarray:
+        """The fused head's predictions (N,): scores for regression, classes otherwise."""
+        outputs = torch.cat(self.outputs["fused"]).float().cpu().numpy()
+        return outputs.reshape(-1) if regression else outputs.argmax(axis=1).astype(np.int16)
 
     def metrics(self, regression: bool) -> dict:
         result = {}

@@ -13,6 +13,12 @@ LAUNCHER=${LAUNCHER:-local}       # ray: every run a Ray task, in parallel (requ
 RAY_ADDRESS=${RAY_ADDRESS:-local} # with ray: local (this machine), auto, or host:port of a head
 CPUS_PER_RUN=${CPUS_PER_RUN:-1}   # with ray: CPUs (and torch threads) of each run
 GPUS_PER_RUN=${GPUS_PER_RUN:-0}   # with ray: GPUs of each run, e.g. 1 on a GPU box
+OFFICIAL=${OFFICIAL:-0}           # 1: the official code's choices (--official: selection among
+                                  # stage-1 epochs too, last-epoch hand-over, MAE/Corr on non-zero labels)
+
+if [ "$OFFICIAL" = 1 ]; then
+    set -- --official "$@"
+fi
 
 python -m MoMKE.sweep \
     --synthetic-fallback \

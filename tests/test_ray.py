@@ -166,7 +166,7 @@ def test_a_killed_worker_is_retried_and_the_table_is_whole(ray_instance, tiny_ro
                 run = next((r for r in runs if r.label == title.removeprefix("ray::run ")), None)
                 if run is None:
                     continue
-                epochs = run.folder / "epochs.jsonl"
+                epochs = run.folder.with_name(run.folder.name + ".attempt") / "epochs.jsonl"
                 lines = epochs.read_text().count("\n") if epochs.is_file() else 0
                 if lines > SWEEP["stage_epochs"]:  # in stage 2
                     os.kill(pid, signal.SIGKILL)
@@ -193,7 +193,8 @@ def test_a_run_that_fails_by_itself_is_reported_once_and_not_retried(ray_instanc
                          epochs=4, stage_epochs=0, hidden=8, depth=1)
     good, bad = sweep.plan(config, [3])
     # A flag the driver cannot check (its nodes may have GPUs that it has not): the task raises.
-    bad = sweep.RunSpec(dataclasses.replace(bad.config, device="cuda"), bad.setting)
+    bad = sweep.RunSpec(dataclasses.replace(bad.config, device="cuda"), bad.setting,
+                        bad.fingerprint)
     started = time.perf_counter()
     summary = run_on_ray([good, bad], cpus_per_run=1, max_retries=3)
     assert time.perf_counter() - started < 120

@@ -13,6 +13,7 @@ from dataloader.gcnet import load_dataset
 from dataloader.synthetic import generate
 
 from MoMKE.config import ConfigError, parse_config
+from MoMKE.metrics import regression_metrics
 from MoMKE.train import main
 
 TINY = ["--hidden", "8", "--depth", "1", "--batch-size", "4", "--device", "cpu", "--seed", "5"]
@@ -28,11 +29,13 @@ def test_run_writes_every_file_and_labels_the_data(tiny_root, tmp_path):
     (result,) = _run(tiny_root, tmp_path, "--epochs", "4", "--test-condition", "at")
     folder = next((tmp_path / "CMUMOSI").iterdir())
     assert {p.name for p in folder.iterdir()} == {
-        "config.yaml", "run.log", "epochs.jsonl", "result.json", "checkpoint_fold1.pt"}
+        "config.yaml", "run.log", "epochs.jsonl", "result.json", "checkpoint_fold1.pt",
+        "predictions.npz"}
     assert result["data_source"] == "synthetic" and result["complete"] is True
     assert (result["dataset"], result["protocol"], result["condition"]) == ("CMUMOSI", "fixed", "at")
     assert set(result["test"]) == {"best_test", "best_val", "last"}
-    assert set(result["test"]["best_test"]) == {"acc2", "f1", "mae", "corr", "acc7"}
+    assert set(result["test"]["best_test"]) == {"acc2", "f1", "mae", "corr", "acc7",
+                                                "mae_nonzero", "corr_nonzero"}
     assert 0 <= result["test"]["last"]["acc2"] <= 1  # fractions, not percent
     epochs = [json.loads(line) for line in (folder / "epochs.jsonl").read_text().splitlines()]
     assert [e["stage"] for e in epochs] == [1, 1, 2, 2]
@@ -43,6 +46,13 @@ def test_run_writes_every_file_and_labels_the_data(tiny_root, tmp_path):
     checkpoint = torch.load(folder / "checkpoint_fold1.pt", weights_only=True)
     assert checkpoint["rule"] == "best_val" and checkpoint["data_source"] == "synthetic"
     assert checkpoint["model_config"]["hidden"] == 8
+    # The kept test predictions reproduce every rule's metrics, in the order of the labels.
+    with np.load(folder / "predictions.npz", allow_pickle=False) as kept:
+        assert len(kept["fold1__ids"]) == len(kept["fold1__labels"]) == len(
+            kept["fold1__conversation"])
+        for rule in ("best_test", "best_val", "last"):
+            again = regression_metrics(kept[f"fold1__run__{rule}"], kept["fold1__labels"])
+            assert again == pytest.approx(result["test"][rule], rel=1e-6, abs=1e-9)
 
 
 def test_same_seed_twice_gives_identical_metrics(tiny_root, tmp_path):
@@ -103,6 +113,18 @@ def test_bad_yaml_keys_are_refused(tmp_path, content, message):
     (["--hidden", "7", "--num-heads", "2"], "divisible"),
     (["--folds", "2"], "--folds"),
     (["--device", "tpu"], "--device"),
+    (["--test-condition", ""], "--test-condition lists nothing to run"),
+    (["--test-condition", ","], "--test-condition lists nothing to run"),
+    (["--missing-rate", ""], "--missing-rate lists nothing to run"),
+    (["--test-condition", "", "--missing-rate", ""], "list nothing to run"),
+    (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    (["--lr", "nan"], "--lr nan must be a positive number"),
+    (["--lr", "inf"], "--lr inf must be a positive number"),
+    (["--l2", "nan"], "--l2 nan must be a non-negative number"),
+    (["--mlp-ratio", "0"], "--mlp-ratio 0.0 must be positive"),
+    (["--mlp-ratio", "-1"], "--mlp-ratio -1.0 must be positive"),
+    (["--seed", "-1"], "--seed -1 is outside"),
+    (["--seed", str(2**64)], "is outside"),
 ])
 def test_invalid_values_are_refused_before_any_work(tiny_root, tmp_path, capsys, args, message):
     code = main(["--dataset", "CMUMOSI", "--data-root", str(tiny_root), "--output-dir",
