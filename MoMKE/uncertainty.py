@@ -183,7 +183,8 @@ def selection_optimism(best_on_test: Sequence[Folds], honest: Sequence[Folds], l
     best_on_test[k], honest[k]: run k's predictions at the two epochs (per fold as in `interval`).
     All runs share the test data (labels, conversation); conversations are resampled once and each
     resample's gap is averaged over runs. The point equals the mean gap of the runs' recorded metrics
-    when these are the predictions those metrics came from.
+    when these are the predictions those metrics came from. The epochs are held fixed: the interval
+    is the test-sample spread of this gap, not of a selection redone within each resample.
     """
     if len(best_on_test) != len(honest) or not best_on_test:
         raise ValueError(f"need the same, non-zero number of runs at both epochs, got "
@@ -191,13 +192,11 @@ def selection_optimism(best_on_test: Sequence[Folds], honest: Sequence[Folds], l
     sets = [_as_folds(run) for pair in zip(best_on_test, honest) for run in pair]
     summaries = _fold_mean_replicates(sets, labels, conversation, regression=regression,
                                       resamples=resamples, seed=seed)
-    runs = len(best_on_test)
+    pairs = list(zip(summaries[::2], summaries[1::2]))  # ((points, replicates) best, honest) per run
     result = {}
     for name in summaries[0][0]:
-        point = sum(best[0][name] - other[0][name]
-                    for best, other in zip(summaries[::2], summaries[1::2])) / runs
-        gaps = sum(best[1][name] - other[1][name]
-                   for best, other in zip(summaries[::2], summaries[1::2])) / runs
+        point = float(np.mean([best[0][name] - other[0][name] for best, other in pairs]))
+        gaps = np.mean([best[1][name] - other[1][name] for best, other in pairs], axis=0)  # (R,)
         low, high = _percentiles(gaps, level)
         covers = None if math.isnan(low) else bool(low <= 0 <= high)
         result[name] = Difference(point, low, high, level, covers, _undefined(gaps))
