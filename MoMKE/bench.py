@@ -35,7 +35,7 @@ from dataloader.datasets import get_spec
 from dataloader.gcnet import load_dataset
 from dataloader.synthetic import generate
 from MoMKE.config import PAPER_SCHEDULE, TrainConfig
-from MoMKE.masks import CONDITIONS, RATES
+from MoMKE.protocols import CONDITIONS, RATES
 from MoMKE.model import MODALITIES, ModelConfig
 from MoMKE.protocols import MissingSetting
 from MoMKE.reference import reference_forward

@@ -18,7 +18,9 @@ from typing import Any, Sequence
 import yaml
 
 from dataloader.datasets import DATASETS, DEFAULT_FEATURES, get_spec
-from MoMKE.masks import parse_condition, parse_rate
+from MoMKE.protocols import parse_condition, parse_rate
+
+ABLATIONS = ("no-stage1", "uniform-router", "self-experts", "frozen-experts")  # see the end
 
 # The paper's scripts, per dataset: (batch size, epochs, of which stage 1) — SPEC §7.
 PAPER_SCHEDULE = {"CMUMOSI": (32, 300, 150), "CMUMOSEI": (32, 100, 50),
@@ -83,8 +85,7 @@ class TrainConfig:
         "skipped, stage 2 as long as usual); uniform-router (equal weights over the experts, "
         "nothing learnt); self-experts (each modality uses its own expert only: no cross-expert "
         "knowledge); frozen-experts (experts keep their stage-1 weights in stage 2)",
-        default="none", choices=["none", "no-stage1", "uniform-router", "self-experts",
-                                 "frozen-experts"])
+        default="none", choices=["none", *ABLATIONS])
     # model
     hidden: int = _option("hidden size D", default=256)
     depth: int = _option("layers per expert", default=4)
@@ -283,3 +284,31 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def config_to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- ablations and variants
+# The ablations that explain MoMKE, each one value of `--ablation` that changes one thing:
+#     no-stage1       the mixture trained from scratch: stage 1 skipped, stage 2 as long as usual
+#     uniform-router  every modality mixes the experts with equal weights; no router is learnt
+#     self-experts    each modality uses only its own expert: no knowledge from the other experts
+#     frozen-experts  the experts keep their stage-1 weights during stage 2; the rest learns
+# All but no-stage1 leave stage 1 untouched (the same parameters are created in the same order), so
+# they reuse MoMKE's stage 1. The unified model (`--train-missing any`) is not an ablation but a
+# different training regime; both are named by `variant_name`.
+
+
+def model_options(ablation: str) -> dict[str, str]:
+    """The ModelConfig fields an ablation sets."""
+    return {"router": "uniform" if ablation == "uniform-router" else "soft",
+            "experts": "self" if ablation == "self-experts" else "all"}
+
+
+def has_stage1(config: TrainConfig) -> bool:
+    return config.stage_epochs > 0 and config.ablation != "no-stage1"
+
+
+def variant_name(config: dict) -> str:
+    """'MoMKE', an ablation name, or 'unified (any)' for a result's configuration."""
+    if config.get("train_missing", "run") != "run":
+        return f"unified ({config['train_missing']})"
+    return "MoMKE" if config.get("ablation", "none") == "none" else config["ablation"]

@@ -1,9 +1,13 @@
-"""What a run trains and evaluates on: one fixed condition or one random missing rate.
+"""Missing-modality protocols: which modalities each utterance has, in training and evaluation.
 
 From: SPEC §5.
     fixed   stage 1 sees complete data; in stage 2 the condition masks training and evaluation.
-    random  training masks are redrawn every batch at the rate, in both stages; validation and test
-            masks are drawn once (seed, fold, split, rate) and reused every epoch.
+            A condition is a non-empty subset of {a, t, v}.
+    random  a missing rate r in [0, 0.7] removes round(3 n r) of the 3 n (utterance, modality)
+            entries, keeping at least one modality per utterance (from r = 2/3 on, exactly one).
+            Training masks are redrawn every batch at the rate, in both stages; validation and
+            test masks are drawn once from (seed, fold, split, rate) alone and reused every
+            epoch, so every run and method is compared on the same masks.
     unified one model for every missing pattern (beyond the paper): stage 1 as in the fixed
             protocol; in stage 2 each training conversation draws one of the seven conditions
             (`any`), or for half of them per-utterance masks at a random rate (`any+rates`); it
@@ -13,11 +17,65 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from MoMKE.masks import (CONDITIONS, MAX_RATE, RATES, condition_availability,
-                          evaluation_generator, random_availability)
+from dataloader.datasets import MODALITIES
+
+CONDITIONS = ("a", "t", "v", "at", "av", "tv", "atv")
+MAX_RATE = 0.7
+RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def parse_condition(text: str) -> str:
+    """Canonical form ('ta' -> 'at') of a test condition, or a ValueError naming the flag."""
+    letters = text.strip().lower()
+    if not letters or set(letters) - set(MODALITIES) or len(set(letters)) != len(letters):
+        raise ValueError(f"--test-condition {text!r} is invalid: use a non-empty set of the letters "
+                         f"a, t, v without repeats, e.g. {', '.join(CONDITIONS)}.")
+    return "".join(m for m in MODALITIES if m in letters)
+
+
+def parse_rate(value: str | float) -> float:
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--missing-rate {value!r} is not a number; use values in [0, 0.7].") \
+            from None
+    if not 0.0 <= rate <= MAX_RATE:
+        raise ValueError(f"--missing-rate {rate} is outside [0, {MAX_RATE}]: at least one modality "
+                         f"per utterance must stay, so use a rate between 0 and {MAX_RATE}.")
+    return round(rate, 6)
+
+
+def condition_availability(condition: str, utterances: int) -> Tensor:
+    """(utterances, M) bool: every utterance has exactly the modalities of `condition`."""
+    row = torch.tensor([m in condition for m in MODALITIES])
+    return row.expand(utterances, -1).clone()
+
+
+def random_availability(utterances: int, rate: float, generator: torch.Generator) -> Tensor:
+    """(utterances, M) bool with exactly round(3 n rate) missing entries (at most 2 n), at least
+    one modality per utterance. Each utterance keeps one random modality protected; the missing
+    entries are a uniform choice among the 2 n unprotected ones."""
+    available = torch.ones(utterances, len(MODALITIES), dtype=torch.bool)
+    missing = min(int(round(len(MODALITIES) * utterances * rate)), 2 * utterances)
+    if missing == 0:
+        return available
+    protected = torch.randint(len(MODALITIES), (utterances,), generator=generator)
+    offsets = torch.stack([(protected + 1) % 3, (protected + 2) % 3], dim=1)  # (n, 2)
+    candidates = (torch.arange(utterances)[:, None] * 3 + offsets).reshape(-1)
+    chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:missing]]
+    available.view(-1)[chosen] = False
+    return available
+
+
+def evaluation_generator(seed: int, fold: int, split: str, rate: float) -> torch.Generator:
+    """The generator of a split's fixed evaluation masks: a function of these four values only."""
+    split_code = {"train": 0, "val": 1, "test": 2}[split]
+    state = np.random.SeedSequence([seed, fold, split_code, int(round(rate * 1000))])
+    return torch.Generator().manual_seed(int(state.generate_state(1, dtype=np.uint64)[0] >> 1))
 
 
 @dataclass(frozen=True)

@@ -19,19 +19,196 @@ import io
 import json
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import yaml
 
 from dataloader.datasets import DATASETS, get_spec
-from MoMKE import published
 from MoMKE.config import PAPER_SCHEDULE
-from MoMKE.masks import CONDITIONS
-from MoMKE.runlog import read_result
+from MoMKE.protocols import CONDITIONS, RATES
 from MoMKE.selection import POOLS, RULE_LABELS, RULES
-from MoMKE.tables import (METRIC_NAMES, PERCENT_METRICS, Row, cell, published_value, router_table,
-                          table_rows, unified_as_runs, variant)
+
+# ----------------------------------------------------------------------------- published numbers
+# MoMKE/published_results.yaml: every value comes back with the key of its source, so a table can
+# cite it. Values are percent, as published; our results are fractions, converted for the tables.
+
+PUBLISHED_FILE = Path(__file__).with_name("published_results.yaml")
+
+
+@dataclass(frozen=True)
+class Published:
+    value: float  # percent
+    source: str  # key into `published_sources()`
+
+
+@lru_cache(maxsize=1)
+def _published_table() -> dict:
+    return yaml.safe_load(PUBLISHED_FILE.read_text())
+
+
+def published_sources() -> dict[str, str]:
+    return {key: " ".join(text.split()) for key, text in _published_table()["sources"].items()}
+
+
+def published_fixed(dataset: str, condition: str, metric: str) -> Published | None:
+    """A published fixed-protocol value; `condition` 'average_of_six' for the published mean."""
+    entry = _published_table()["fixed"].get(dataset)
+    if entry is None or metric not in entry["metrics"]:
+        return None
+    values = entry["average_of_six"] if condition == "average_of_six" \
+        else entry["conditions"].get(condition)
+    return None if values is None else Published(values[entry["metrics"].index(metric)],
+                                                 entry["source"])
+
+
+def published_fixed_average(dataset: str, metric: str) -> Published | None:
+    """The mean over missing conditions that TMDC reports (no per-condition values)."""
+    table = _published_table()["fixed_average"]
+    entry = table.get(dataset)
+    if entry is None or metric not in entry["metrics"]:
+        return None
+    return Published(entry["values"][entry["metrics"].index(metric)], table["source"])
+
+
+def published_random(dataset: str, rate: float, metric: str) -> Published | None:
+    for section in ("random", "random_extra"):
+        entry = _published_table()[section].get(dataset)
+        if entry is None or metric not in entry["metrics"]:
+            continue
+        # Only the rate itself: a run at 0.14 has no published counterpart at 0.1.
+        values = {round(float(r), 6): v for r, v in entry["rates"].items()}.get(round(rate, 6))
+        if values is not None:
+            return Published(values[entry["metrics"].index(metric)], entry["source"])
+    return None
+
+
+# ----------------------------------------------------------------------------- rows and cells
+# A cell is the mean, sample standard deviation and count over seeds of one test metric at one
+# epoch-selection rule, in display units (accuracy-like metrics in percent, MAE and Corr raw).
+# Averages over conditions (or rates) are taken per seed over the seeds that have every row, then
+# over seeds, as papers average their conditions.
+
+PERCENT_METRICS = {"acc2", "f1", "acc7", "wa", "ua"}  # shown in percent; mae and corr raw
+METRIC_NAMES = {"acc2": "Acc2", "f1": "F1", "mae": "MAE", "corr": "Corr", "acc7": "Acc7",
+                "wa": "WA", "ua": "UA"}
+
+
+@dataclass
+class Row:
+    """One table row: a condition, a rate or an average, with its runs (one per seed)."""
+
+    label: str
+    protocol: str
+    key: str | float | None  # the condition, the rate, or None for an average
+    results: list[dict]  # for averages: one synthetic result per seed (means over the rows)
+    averaged: tuple = ()  # the conditions or rates an average row covers
+
+
+def table_rows(results: Sequence[dict]) -> list[Row]:
+    rows = []
+    rates = sorted({round(float(r["missing_rate"]), 6) for r in results
+                    if r["protocol"] == "random"} | set(RATES))  # every rate run, not only 0.1 steps
+    for protocol, keys, name in (("fixed", CONDITIONS, "condition"),
+                                 ("random", rates, "missing_rate")):
+        chosen = [Row(str(k), protocol, k, [r for r in results if r["protocol"] == protocol
+                                            and _same(r[name], k)]) for k in keys]
+        chosen = [row for row in chosen if row.results]
+        if not chosen:
+            continue
+        rows.extend(chosen)
+        rows.extend(_averages(protocol, chosen))
+    return rows
+
+
+def _same(value, key) -> bool:
+    return value == key if isinstance(key, str) else value is not None and abs(value - key) < 1e-9
+
+
+def _averages(protocol: str, rows: list[Row]) -> list[Row]:
+    """Mean over rows per seed (only seeds that have every row), as papers average conditions."""
+    subsets = [("average", rows)]
+    if protocol == "fixed" and any(r.key == "atv" for r in rows) and len(rows) > 1:
+        subsets.append(("average without atv", [r for r in rows if r.key != "atv"]))
+    if protocol == "random" and any(r.key == 0.0 for r in rows) and len(rows) > 1:
+        subsets.append(("average 0.1-0.7", [r for r in rows if r.key != 0.0]))
+    out = []
+    for label, subset in subsets:
+        seeds = set.intersection(*({r["seed"] for r in row.results} for row in subset))
+        per_seed = []
+        for seed in sorted(seeds):
+            members = [next(r for r in row.results if r["seed"] == seed) for row in subset]
+            per_seed.append({"seed": seed, "test": {rule: _mean_scores(
+                [m["test"][rule] for m in members]) for rule in RULES}})
+        out.append(Row(f"{label} ({len(subset)})", protocol, None, per_seed,
+                       tuple(row.key for row in subset)))
+    return out
+
+
+def _mean_scores(scores: list[dict | None]) -> dict | None:
+    if any(s is None for s in scores):
+        return None
+    return {k: float(np.mean([_num(s[k]) for s in scores])) for k in scores[0]}
+
+
+def _num(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def cell(row: Row, rule: str, metric: str) -> tuple[float, float, int] | None:
+    """(mean, std, n) over seeds, in display units (percent or raw), or None."""
+    values = [_num(r["test"][rule][metric]) for r in row.results if r["test"][rule] is not None]
+    if not values:
+        return None
+    scale = 100.0 if metric in PERCENT_METRICS else 1.0
+    values = np.array(values) * scale
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, len(values)
+
+
+def published_value(dataset: str, row: Row, metric: str) -> Published | None:
+    if row.protocol == "fixed":
+        if row.key is None:
+            if set(row.averaged) == set(CONDITIONS) - {"atv"}:  # the published averages skip atv
+                return (published_fixed(dataset, "average_of_six", metric)
+                        or published_fixed_average(dataset, metric))
+            return None
+        return published_fixed(dataset, row.key, metric)
+    return published_random(dataset, row.key, metric) if row.key is not None else None
+
+
+def variant(result: dict) -> str:
+    return result.get("variant", "MoMKE")
+
+
+def unified_as_runs(results: Sequence[dict]) -> list[dict]:
+    """Each unified-model result as one pseudo-run per condition and rate it was evaluated on,
+    so its rows line up with the per-condition models' rows."""
+    runs = []
+    for result in results:
+        for view, evaluation in result.get("evaluations", {}).items():
+            protocol, value = view.split("-", 1)
+            runs.append({"seed": result["seed"], "protocol": protocol, "test": evaluation["test"],
+                         "router": evaluation.get("router"),
+                         "condition": value if protocol == "fixed" else None,
+                         "missing_rate": float(value) if protocol == "random" else None})
+    return runs
+
+
+def router_table(results: Sequence[dict]) -> dict[str, dict[str, np.ndarray]]:
+    """condition -> modality -> mean router weight per expert (E,), over seeds, at the last epoch."""
+    table: dict[str, dict[str, list]] = {}
+    for result in results:
+        if result.get("protocol") != "fixed" or not result.get("router"):
+            continue
+        for m, weights in result["router"].items():
+            table.setdefault(result["condition"], {}).setdefault(m, []).append(weights)
+    return {c: {m: np.mean(w, axis=0) for m, w in by_m.items()}
+            for c, by_m in sorted(table.items(), key=lambda item: CONDITIONS.index(item[0]))}
+
+
+# ----------------------------------------------------------------------------- collecting runs
 
 PAPER_HYPERPARAMETERS = {"hidden": 256, "depth": 4, "num_heads": 2, "mlp_ratio": 1.0,
                          "drop_rate": 0.5, "attn_drop_rate": 0.0, "lr": 1e-4, "l2": 1e-5,
@@ -182,7 +359,7 @@ def markdown(key: Key, results: list[dict], rows: list[Row], mae_corr: str = "al
     if folds:
         out += ["", "## Per fold (paper protocol column, mean over seeds)", ""] + folds
     out += ["", "## Sources of the published numbers", ""]
-    out += [f"- [{name}] {text}" for name, text in published.sources().items()]
+    out += [f"- [{name}] {text}" for name, text in published_sources().items()]
     return "\n".join(out) + "\n"
 
 
@@ -343,7 +520,6 @@ def _fold_lines(results: list[dict], spec) -> list[str]:
 
 
 def _setting_order(name: str) -> tuple[int, float]:
-    from MoMKE.masks import CONDITIONS
     protocol, value = name.split("-", 1)
     if protocol == "fixed":
         return 0, CONDITIONS.index(value) if value in CONDITIONS else 99

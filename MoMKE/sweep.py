@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Sequence
 
 from dataloader.datasets import get_spec
-from dataloader.errors import DataError
+from dataloader.datasets import DataError
 from dataloader.gcnet import data_fingerprint, feature_names_from, load_dataset
 from dataloader.synthetic import generate
 from MoMKE import stage1_cache, train
-from MoMKE.ablations import ABLATIONS
+from MoMKE.config import ABLATIONS
 from MoMKE.config import ConfigError, TrainConfig, check_seed, parse_config
 from MoMKE.executors import SweepSummary, import_ray, run_on_ray
 from MoMKE.protocols import MissingSetting, settings_from

@@ -18,16 +18,16 @@ import torch
 from tqdm import tqdm
 
 from dataloader.batch import BatchBuilder
-from dataloader.errors import DataError
+from dataloader.datasets import DataError
 from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset, read_marker
 from MoMKE.config import ConfigError, TrainConfig, config_to_yaml, parse_config
 from MoMKE.protocols import MissingSetting, settings_from
-from MoMKE.ablations import variant_name
+from MoMKE.config import variant_name
 from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, RunLock, RunLocked, experiment_hash,
                           identity_hash, read_result, run_folder, run_identity,
                           setup_console_logging)
 from MoMKE.runtime import code_version, resolve_device, source_version
-from MoMKE.masks import CONDITIONS
+from MoMKE.protocols import CONDITIONS
 from MoMKE.selection import RULE_LABELS, fold_summary, mean_over_folds, mean_router
 from MoMKE.trainer import Diverged, FoldTrainer, model_config_for
 

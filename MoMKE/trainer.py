@@ -16,17 +16,16 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from tqdm import tqdm
 
 from dataloader.batch import Batch, BatchBuilder
 from dataloader.gcnet import MultimodalDataset
-from MoMKE.ablations import has_stage1, model_options
-from MoMKE.config import TrainConfig
-from MoMKE.losses import task_loss
-from MoMKE.masks import CONDITIONS
+from MoMKE.config import TrainConfig, has_stage1, model_options
 from MoMKE.metrics import task_metrics
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE
-from MoMKE.protocols import MissingSetting
+from MoMKE.protocols import CONDITIONS, MissingSetting
 from MoMKE.selection import VIEW, SelectedPredictions, in_pool, scores_of
 from MoMKE.runtime import HeapTrimmer, autocast, peak_memory
 from MoMKE import stage1_cache
@@ -323,6 +322,19 @@ def _non_finite(value: object, path: str = "") -> str | None:
     elif isinstance(value, float) and not math.isfinite(value):
         return path
     return None
+
+
+def task_loss(predictions: Tensor, targets: Tensor, *, regression: bool,
+              reduction: str = "mean") -> Tensor:
+    """SPEC §4.6: mean squared error (CMU) or cross-entropy (IEMOCAP) of packed predictions
+    (N, C) against targets (N,), `mean` or `sum` over the N tokens; zero (with a graph) when
+    N = 0. Packed rows are exactly the unpadded, observed positions: these are the masked means
+    of the reference code."""
+    if predictions.shape[0] == 0:
+        return predictions.sum() * 0.0  # no token of this kind in the batch: contributes nothing
+    if regression:
+        return F.mse_loss(predictions.squeeze(-1), targets, reduction=reduction)
+    return F.cross_entropy(predictions, targets, reduction=reduction)
 
 
 def _chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+class DataError(ValueError):
+    """Input data that cannot be used (a missing file, a wrong shape, a non-finite value): the
+    message is one sentence naming the file or flag at fault and what to do (SPEC §8)."""
+
+
 MODALITIES: tuple[str, ...] = ("a", "t", "v")
 MODALITY_NAMES = {"a": "audio", "t": "text", "v": "visual"}
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dataloader.errors import DataError
+from dataloader.datasets import DataError
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import numpy as np
 
 from dataloader.cache import cache_path, files_stamp, load_cache, save_cache
 from dataloader.datasets import DEFAULT_FEATURES, MODALITIES, MODALITY_NAMES, DatasetSpec, get_spec
-from dataloader.errors import DataError
+from dataloader.datasets import DataError
 from dataloader.features import MAX_ABS_FEATURE, read_feature_folder
 from dataloader.labels import Fold, LabelSet, read_label_file
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dataloader.datasets import DATASETS, DEFAULT_FEATURES, MODALITIES, DatasetSpec, get_spec
-from dataloader.errors import DataError
+from dataloader.datasets import DataError
 from dataloader.gcnet import SYNTHETIC_MARKER
 from dataloader.labels import read_label_file
 

@@ -8,7 +8,7 @@ import torch
 
 from dataloader.batch import BatchBuilder
 from dataloader.gcnet import load_dataset
-from MoMKE.masks import CONDITIONS, RATES, condition_availability
+from MoMKE.protocols import CONDITIONS, RATES, condition_availability
 from MoMKE.model import MODALITIES
 from MoMKE.protocols import MissingSetting
 from MoMKE.report import write_report

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dataloader.datasets import DEFAULT_FEATURES
-from dataloader.errors import DataError
+from dataloader.datasets import DataError
 from dataloader.gcnet import feature_names_from, load_dataset
 
 

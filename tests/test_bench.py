@@ -6,7 +6,7 @@ import torch
 
 from dataloader.batch import TokenLayout
 from MoMKE.bench import at_matmul_peak, model_flops, projected_seconds
-from MoMKE.masks import CONDITIONS
+from MoMKE.protocols import CONDITIONS
 from MoMKE.model import ModelConfig
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dataloader.errors import DataError
+from dataloader.datasets import DataError
 from dataloader.features import read_feature_folder
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from MoMKE.masks import (CONDITIONS, condition_availability, evaluation_generator, parse_condition,
+from MoMKE.protocols import (CONDITIONS, condition_availability, evaluation_generator, parse_condition,
                          parse_rate, random_availability)
 
 

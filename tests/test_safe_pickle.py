@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from dataloader.errors import DataError
-from dataloader.safe_pickle import load_label_pickle
+from dataloader.datasets import DataError
+from dataloader.labels import load_label_pickle
 from tests.conftest import requires_shared_labels
 
 

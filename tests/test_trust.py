@@ -22,7 +22,7 @@ import torch
 from dataloader import cache as feature_cache
 from dataloader.datasets import DEFAULT_FEATURES
 from dataloader.gcnet import load_dataset
-from MoMKE import report, stage1_cache, sweep, trainer
+from MoMKE import report, sweep, trainer
 from MoMKE.runlog import RunLock
 from MoMKE.selection import select_epochs
 from MoMKE.train import main
@@ -89,7 +89,7 @@ def test_features_that_overflow_float32_are_refused_naming_the_file(mosi):
     values = np.load(victim)
     values[0] = 1e30
     np.save(victim, values)
-    from dataloader.errors import DataError
+    from dataloader.datasets import DataError
     with pytest.raises(DataError, match=f"{victim.name}: holds values up to [0-9.]+e\\+29 in magnitude"):
         load_dataset("CMUMOSI", mosi)
 
