@@ -29,7 +29,8 @@ import yaml
 from dataloader.datasets import DATASETS, get_spec
 from MoMKE.config import PAPER_SCHEDULE
 from MoMKE.protocols import CONDITIONS, RATES
-from MoMKE.selection import POOLS, RULE_LABELS, RULES
+from MoMKE.selection import POOLS, RULE_LABELS, RULES, VIEW
+from MoMKE.uncertainty import SavedRuns
 
 # ----------------------------------------------------------------------------- published numbers
 # MoMKE/published_results.yaml: every value comes back with the key of its source, so a table can
@@ -190,7 +191,8 @@ def unified_as_runs(results: Sequence[dict]) -> list[dict]:
         for view, evaluation in result.get("evaluations", {}).items():
             protocol, value = view.split("-", 1)
             runs.append({"seed": result["seed"], "protocol": protocol, "test": evaluation["test"],
-                         "router": evaluation.get("router"),
+                         "router": evaluation.get("router"), "folder": result.get("folder"),
+                         "view": view,
                          "condition": value if protocol == "fixed" else None,
                          "missing_rate": float(value) if protocol == "random" else None})
     return runs
@@ -308,6 +310,73 @@ def group(results: Sequence[dict]) -> dict[Key, list[dict]]:
     return dict(sorted(groups.items()))
 
 
+# ----------------------------------------------------------------------------- intervals
+
+class Intervals:
+    """95 % bootstrap intervals of table cells and of paired differences, from the runs' kept
+    test predictions (`MoMKE/uncertainty.py`): whole test conversations are resampled, since the
+    utterances of one conversation are correlated. All runs share the resamples, so the interval
+    of a mean over seeds or conditions, or of a difference, is computed on paired replicates."""
+
+    def __init__(self, dataset: str, mae_corr: str, resamples: int = 1000) -> None:
+        self.saved = SavedRuns(resamples=resamples)
+        self.regression = get_spec(dataset).is_regression
+        self.mae_corr = mae_corr
+        self.resamples = resamples
+
+    def header(self) -> str:
+        return (f"Intervals: [low, high] is a 95 % percentile bootstrap interval over test "
+                f"conversations (whole conversations resampled, as their utterances are "
+                f"correlated; {self.resamples} resamples, the same for every run, so means and "
+                f"differences are paired); ± beside it is the sample std over seeds. \"≈0\" marks "
+                f"a difference whose interval covers zero.")
+
+    def run(self, result: dict, rule: str, metric: str) -> np.ndarray | None:
+        """(R,) replicates of one run's metric in display units, or None."""
+        if not result.get("folder") or result["test"].get(rule) is None:
+            return None
+        arrays = self.saved.replicates(result["folder"], result.get("view", VIEW), rule,
+                                       regression=self.regression)
+        if arrays is None:
+            return None
+        name = MAE_CORR_NONZERO.get(metric, metric) if self.mae_corr == "nonzero" else metric
+        return arrays[name] * (100.0 if metric in PERCENT_METRICS else 1.0)
+
+    def row(self, row: Row, rule: str, metric: str, base: Sequence[Row]) -> np.ndarray | None:
+        """Replicates of a row's value: the mean over its seeds; for an average row, per seed the
+        mean over the rows it averages (taken from `base`), then the mean over seeds."""
+        if row.key is not None:
+            sets = [self.run(r, rule, metric) for r in row.results if r["test"][rule] is not None]
+        else:
+            members = [b for b in base if b.protocol == row.protocol and b.key is not None
+                       and b.key in row.averaged]
+            sets = []
+            for seed in (r["seed"] for r in row.results):
+                runs = [next((r for r in b.results if r["seed"] == seed), None) for b in members]
+                arrays = [self.run(r, rule, metric) if r else None for r in runs]
+                sets.append(None if any(a is None for a in arrays) else np.mean(arrays, axis=0))
+        if not sets or any(a is None for a in sets):
+            return None
+        return np.mean(sets, axis=0)
+
+    def text(self, replicates: np.ndarray | None, metric: str) -> str:
+        if replicates is None:
+            return ""
+        low, high = self.saved.interval([replicates])
+        digits = 2 if metric in PERCENT_METRICS else 3
+        return f" [{low:.{digits}f}, {high:.{digits}f}]"
+
+    def difference(self, point: float, a: np.ndarray | None, b: np.ndarray | None,
+                   metric: str) -> str:
+        """'+1.23 [−0.40, +2.85]' for A − B (≈0 when the interval covers zero)."""
+        digits = 2 if metric in PERCENT_METRICS else 3
+        if a is None or b is None:
+            return f"{point:+.{digits}f}"
+        low, high = self.saved.interval([a - b])
+        mark = " ≈0" if low <= 0 <= high else ""
+        return f"{point:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]{mark}"
+
+
 # ----------------------------------------------------------------------------- Markdown
 
 def _fmt(value: tuple[float, float, int] | None, metric: str) -> str:
@@ -329,24 +398,29 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
             + ["| " + " | ".join(line) + " |" for line in lines])
 
 
-def markdown(key: Key, results: list[dict], rows: list[Row], mae_corr: str = "all") -> str:
+def markdown(key: Key, results: list[dict], rows: list[Row], mae_corr: str = "all",
+             intervals: Intervals | None = None) -> str:
     dataset, source, _ = key
     metrics = get_spec(dataset).metrics
     kind = "SYNTHETIC data" if source == "synthetic" else "real data"
     out = [f"# {dataset}: MoMKE reproduction ({kind})", ""]
     out += [f"- {line}" for line in header_lines(key, results, mae_corr)]
+    if intervals is not None:
+        out += [f"- {intervals.header()}"]
+        out += _optimism_section(dataset, results, intervals)
     for protocol, title in (("fixed", "Fixed missing protocol (one model per test condition)"),
                             ("random", "Random missing rate (one model per rate)")):
         chosen = [r for r in rows if r.protocol == protocol]
         if chosen:
-            out += ["", f"## {title}"] + _rule_tables(dataset, chosen, metrics, protocol)
+            out += ["", f"## {title}"] + _rule_tables(dataset, chosen, metrics, protocol,
+                                                      intervals)
     unified = [r for r in results if variant(r).startswith("unified")]
     if unified:
         out += ["", "## One model for every missing pattern (unified) beside the per-condition "
-                    "models"] + _unified_section(dataset, results, unified)
+                    "models"] + _unified_section(dataset, results, unified, intervals)
     if len({variant(r) for r in results if not variant(r).startswith("unified")}) > 1:
         out += ["", "## Ablations (averages over the fixed conditions every variant ran)"]
-        out += _ablation_section(dataset, results)
+        out += _ablation_section(dataset, results, intervals)
     routers = router_table([r for r in results if variant(r) == "MoMKE"])
     if routers:
         out += ["", "## Router weights (MoMKE, fixed protocol, test split, last epoch)", "",
@@ -364,7 +438,7 @@ def markdown(key: Key, results: list[dict], rows: list[Row], mae_corr: str = "al
 
 
 def _rule_tables(dataset: str, rows: list[Row], metrics: tuple[str, ...],
-                 protocol: str) -> list[str]:
+                 protocol: str, intervals: Intervals | None = None) -> list[str]:
     out = []
     for rule in RULES:
         if all(cell(r, rule, metrics[0]) is None for r in rows):
@@ -380,7 +454,9 @@ def _rule_tables(dataset: str, rows: list[Row], metrics: tuple[str, ...],
         for row in rows:
             values = [cell(row, rule, m) for m in metrics]
             line = [row.label, str(max((v[2] for v in values if v), default=0))]
-            line += [_fmt(v, m) for v, m in zip(values, metrics)]
+            line += [_fmt(v, m) + (intervals.text(intervals.row(row, rule, m, rows), m)
+                                   if intervals and v else "")
+                     for v, m in zip(values, metrics)]
             references = [published_value(dataset, row, m) for m in shown]
             line += [f"{p.value:.2f} [{p.source}]" if p else "" for p in references]
             line += [f"{cell(row, rule, m)[0] - p.value:+.2f}" if p and cell(row, rule, m) else ""
@@ -390,22 +466,34 @@ def _rule_tables(dataset: str, rows: list[Row], metrics: tuple[str, ...],
     return out
 
 
-def _unified_section(dataset: str, results: list[dict], unified: list[dict]) -> list[str]:
+def _unified_section(dataset: str, results: list[dict], unified: list[dict],
+                     intervals: Intervals | None = None) -> list[str]:
     metrics = [m for m in get_spec(dataset).metrics if m in PERCENT_METRICS][:2]
-    per_condition = {(r.protocol, r.label): r for r in table_rows(
-        [r for r in results if variant(r) == "MoMKE"])}
+    own_rows = table_rows([r for r in results if variant(r) == "MoMKE"])
+    per_condition = {(r.protocol, r.label): r for r in own_rows}
+    unified_rows = table_rows(unified_as_runs(unified))
     header = ["row"]
     for m in metrics:
         header += [f"{METRIC_NAMES[m]} per-condition, {tag}" for tag in ("test-best", "last")]
         header += [f"{METRIC_NAMES[m]} unified, {tag}" for tag in ("test-best", "last")]
+        header += [f"Δ {METRIC_NAMES[m]} unified − per-condition, last"]
     lines = []
-    for row in table_rows(unified_as_runs(unified)):
+    for row in unified_rows:
         own = per_condition.get((row.protocol, row.label))
         line = [row.label if row.protocol == "fixed" or row.key is None else f"rate {row.label}"]
         for m in metrics:
             for source in (own, row):
                 line += [_fmt(cell(source, rule, m), m) if source else "n/a"
                          for rule in ("best_test", "last")]
+            mine, theirs = cell(row, "last", m), cell(own, "last", m) if own else None
+            if mine is None or theirs is None:
+                line.append("n/a")
+            elif intervals is None:
+                line.append(f"{mine[0] - theirs[0]:+.2f}")
+            else:
+                line.append(intervals.difference(
+                    mine[0] - theirs[0], intervals.row(row, "last", m, unified_rows),
+                    intervals.row(own, "last", m, own_rows), m))
         lines.append(line)
     cost = _costs(results, unified)
     return ["", "Per-condition: one MoMKE model per condition or rate (stage 1 shared). Unified: "
@@ -423,7 +511,8 @@ def _costs(results: list[dict], unified: list[dict]) -> str:
             f"(this machine, all seeds summed).")
 
 
-def _ablation_section(dataset: str, results: list[dict]) -> list[str]:
+def _ablation_section(dataset: str, results: list[dict],
+                      intervals: Intervals | None = None) -> list[str]:
     """Each variant's average over the fixed conditions that every variant ran (so the
     averages compare like with like)."""
     metrics = get_spec(dataset).metrics
@@ -438,20 +527,73 @@ def _ablation_section(dataset: str, results: list[dict]) -> list[str]:
     tags = {"best_test": "test-best", "best_val": "val-best", "last": "last"}
     header = ["variant", "seeds"] + [f"{METRIC_NAMES[m]} {tags[r]}" for m in metrics
                                      for r in rules]
-    lines = []
+    lines, averages = [], {}
     for name in names:
         members = [r for r in results if variant(r) == name and r["protocol"] == "fixed"
                    and r["condition"] in common]
-        average = next(r for r in table_rows(members) if r.key is None)
+        base = table_rows(members)
+        averages[name] = (next(r for r in base if r.key is None), base)
+        average = averages[name][0]
         n = max((v[2] for v in (cell(average, "last", m) for m in metrics) if v), default=0)
         lines.append([name, str(n)] + [_fmt(cell(average, rule, m), m)
                                        for m in metrics for rule in rules])
     order = [c for c in ("a", "t", "v", "at", "av", "tv", "atv") if c in common]
-    return ["", f"Averages over the fixed conditions {', '.join(order)} (those every variant "
-                "ran). MoMKE: the paper's method. no-stage1: the mixture trained from scratch. "
-                "uniform-router: equal expert weights. self-experts: no cross-expert knowledge. "
-                "frozen-experts: experts fixed at their stage-1 weights in stage 2.", ""] + \
+    out = ["", f"Averages over the fixed conditions {', '.join(order)} (those every variant "
+               "ran). MoMKE: the paper's method. no-stage1: the mixture trained from scratch. "
+               "uniform-router: equal expert weights. self-experts: no cross-expert knowledge. "
+               "frozen-experts: experts fixed at their stage-1 weights in stage 2.", ""] + \
         _table(header, lines)
+    if "MoMKE" not in averages or len(averages) < 2:
+        return out
+    honest = "best_val" if get_spec(dataset).has_validation else "last"
+    reference, reference_base = averages["MoMKE"]
+    diff_lines = []
+    for name, (average, base) in averages.items():
+        if name == "MoMKE":
+            continue
+        line = [f"MoMKE − {name}"]
+        for m in metrics:
+            ours, theirs = cell(reference, honest, m), cell(average, honest, m)
+            if ours is None or theirs is None:
+                line.append("n/a")
+            elif intervals is None:
+                line.append(f"{ours[0] - theirs[0]:+.2f}")
+            else:
+                line.append(intervals.difference(
+                    ours[0] - theirs[0], intervals.row(reference, honest, m, reference_base),
+                    intervals.row(average, honest, m, base), m))
+        diff_lines.append(line)
+    return out + ["", f"Paired differences at the {RULE_LABELS[honest]} (MoMKE minus each "
+                      f"variant; for MAE a negative difference favours MoMKE)"
+                  + (", with paired bootstrap intervals." if intervals else "; add --ci for "
+                     "their intervals."), ""] + \
+        _table(["comparison"] + [METRIC_NAMES[m] for m in metrics], diff_lines)
+
+
+def _optimism_section(dataset: str, results: list[dict], intervals: Intervals) -> list[str]:
+    """The mean gap between the best-on-test epoch and an honest rule's epoch over every MoMKE
+    run: what a published best-on-test number should be discounted by."""
+    spec = get_spec(dataset)
+    honest = "best_val" if spec.has_validation else "last"
+    runs = [r for r in results if variant(r) == "MoMKE" and r["test"].get(honest) is not None]
+    if not runs:
+        return []
+    line = [f"{len(runs)}"]
+    for m in spec.metrics:
+        gaps = [100.0 ** (m in PERCENT_METRICS) * (_num(r["test"]["best_test"][m])
+                                                     - _num(r["test"][honest][m])) for r in runs]
+        best = [intervals.run(r, "best_test", m) for r in runs]
+        other = [intervals.run(r, honest, m) for r in runs]
+        if any(a is None for a in best + other):
+            line.append(f"{np.mean(gaps):+.2f}")
+            continue
+        line.append(intervals.difference(float(np.mean(gaps)), np.mean(best, axis=0),
+                                         np.mean(other, axis=0), m))
+    return ["", "## Selection optimism", "",
+            f"Mean over the MoMKE runs below of (best-on-test − {RULE_LABELS[honest]}), with its "
+            f"paired bootstrap interval (epochs held fixed): how much the paper protocol flatters "
+            f"a number here, and what to discount from a published best-on-test figure.", ""] + \
+        _table(["runs"] + [_column(m) for m in spec.metrics], [line])
 
 
 def header_lines(key: Key, results: list[dict], mae_corr: str = "all") -> list[str]:
@@ -581,6 +723,7 @@ def csv_text(key: Key, results: list[dict], mae_corr: str = "all") -> str:
 
 
 def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_corr: str = "auto",
+                 ci: bool = False, resamples: int = 1000,
                  skipped: list[tuple[str, str]] | None = None) -> list[Path]:
     """Write tables (and plots) for every group of runs below `paths`; return the files.
     `mae_corr`: all, nonzero or auto (see `mae_corr_mode`). Folders it could not use are
@@ -598,7 +741,8 @@ def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_co
             if mode == "nonzero":
                 members = [with_nonzero_mae_corr(r) for r in members]
             rows = table_rows([r for r in members if variant(r) == "MoMKE"])
-            tables = markdown(key, members, rows, mode), csv_text(key, members, mode)
+            intervals = Intervals(key[0], mode, resamples) if ci else None
+            tables = markdown(key, members, rows, mode, intervals), csv_text(key, members, mode)
         except Exception as error:  # noqa: BLE001 - one odd group must not cost the others
             found.skipped += [(r["folder"], f"its group {prefix} could not be tabulated "
                                             f"({type(error).__name__}: {error})") for r in members]
@@ -626,6 +770,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="MAE and Corr on all utterances (MMSA) or on non-zero labels (the "
                              "official code); auto: nonzero for runs trained with --official, "
                              "else all (default)")
+    parser.add_argument("--ci", action="store_true",
+                        help="add 95 %% bootstrap intervals (over test conversations) to every "
+                             "cell, paired intervals to the comparisons, and the selection "
+                             "optimism (needs the runs' predictions.npz)")
+    parser.add_argument("--resamples", type=int, default=1000,
+                        help="bootstrap resamples with --ci (default: 1000)")
     args = parser.parse_args(argv)
     missing = [p for p in args.paths if not p.exists()]
     if missing:
@@ -634,7 +784,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     skipped: list[tuple[str, str]] = []
     written = write_report(args.paths, args.out or args.paths[0] / "report",
-                           plots=not args.no_plots, mae_corr=args.mae_corr,
+                           plots=not args.no_plots, mae_corr=args.mae_corr, ci=args.ci,
+                           resamples=args.resamples,
                            skipped=skipped)
     for folder, why in skipped:
         print(f"skipped {folder}: {why}", file=sys.stderr)

@@ -338,3 +338,64 @@ def _percentiles(replicates: np.ndarray, level: float) -> tuple[float, float]:
 
 def _undefined(replicates: np.ndarray) -> int:
     return int(np.isnan(replicates).sum())
+
+
+# ----------------------------------------------------------------------------- saved runs
+
+class SavedRuns:
+    """Bootstrap replicates of the test metrics of saved runs, read from their `predictions.npz`
+    (written by MoMKE.train: per fold the test utterances' ids, conversation index and labels, and
+    the predictions '<view>__<rule>' of each selected epoch).
+
+    Every run is resampled with the same generator seed, so two runs on the same test data get the
+    same resamples: their replicates are paired, and a difference of replicates is a paired
+    bootstrap. Replicates are fold means, as the results are."""
+
+    def __init__(self, *, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> None:
+        self.resamples, self.level, self.seed = resamples, level, seed
+        self._files: dict[str, dict[str, np.ndarray] | None] = {}
+        self._replicates: dict[tuple[str, str, str], dict[str, np.ndarray] | None] = {}
+
+    def replicates(self, folder: str, view: str, rule: str, *,
+                   regression: bool) -> dict[str, np.ndarray] | None:
+        """metric -> (R,) fold-mean replicates of the run in `folder` at `rule`, or None when
+        the run kept no predictions for it."""
+        key = (folder, view, rule)
+        if key not in self._replicates:
+            self._replicates[key] = self._compute(folder, view, rule, regression)
+        return self._replicates[key]
+
+    def test_data(self, folder: str) -> tuple | None:
+        """What identifies a run's test data (ids per fold), to check that two runs pair."""
+        arrays = self._load(folder)
+        if arrays is None:
+            return None
+        return tuple(arrays[name].tobytes() for name in sorted(arrays) if name.endswith("__ids"))
+
+    def interval(self, replicate_sets: Sequence[np.ndarray]) -> tuple[float, float]:
+        """The percentile interval of the mean of paired replicate arrays (seeds, conditions)."""
+        return _percentiles(np.mean(np.stack(replicate_sets), axis=0), self.level)
+
+    def _load(self, folder: str) -> dict[str, np.ndarray] | None:
+        if folder not in self._files:
+            try:
+                with np.load(f"{folder}/predictions.npz", allow_pickle=False) as data:
+                    self._files[folder] = {name: data[name] for name in data.files}
+            except (OSError, ValueError):
+                self._files[folder] = None
+        return self._files[folder]
+
+    def _compute(self, folder: str, view: str, rule: str,
+                 regression: bool) -> dict[str, np.ndarray] | None:
+        arrays = self._load(folder)
+        if arrays is None:
+            return None
+        folds = sorted({name.split("__")[0] for name in arrays}, key=lambda f: int(f[4:]))
+        if any(f"{fold}__{view}__{rule}" not in arrays for fold in folds):
+            return None
+        predictions = [arrays[f"{fold}__{view}__{rule}"] for fold in folds]
+        (_, replicates), = _fold_mean_replicates(
+            [predictions], [arrays[f"{fold}__labels"] for fold in folds],
+            [arrays[f"{fold}__conversation"] for fold in folds], regression=regression,
+            resamples=self.resamples, seed=self.seed)
+        return replicates

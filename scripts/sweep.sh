@@ -13,6 +13,7 @@ LAUNCHER=${LAUNCHER:-local}       # ray: every run a Ray task, in parallel (requ
 RAY_ADDRESS=${RAY_ADDRESS:-local} # with ray: local (this machine), auto, or host:port of a head
 CPUS_PER_RUN=${CPUS_PER_RUN:-1}   # with ray: CPUs (and torch threads) of each run
 GPUS_PER_RUN=${GPUS_PER_RUN:-0}   # with ray: GPUs of each run, e.g. 1 on a GPU box
+INTERVALS=${INTERVALS:-1}         # 1: bootstrap intervals and paired comparisons in the tables
 OFFICIAL=${OFFICIAL:-0}           # 1: the official code's choices (--official: selection among
                                   # stage-1 epochs too, last-epoch hand-over, MAE/Corr on non-zero labels)
 
@@ -46,4 +47,8 @@ python -m MoMKE.sweep \
     --cpus-per-run "$CPUS_PER_RUN" \
     --gpus-per-run "$GPUS_PER_RUN" \
     "$@"
-python -m MoMKE.report "$OUTPUT_DIR/$DATASET"
+if [ "$INTERVALS" = 1 ]; then
+    python -m MoMKE.report --ci "$OUTPUT_DIR/$DATASET"
+else
+    python -m MoMKE.report "$OUTPUT_DIR/$DATASET"
+fi

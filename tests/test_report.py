@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from MoMKE.report import main, write_report
@@ -70,3 +71,32 @@ def test_no_runs_is_an_error(tmp_path, capsys):
 def test_missing_path_is_an_error(tmp_path, capsys, missing):
     assert main([str(tmp_path / missing)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_intervals_are_the_conversation_bootstrap_of_the_kept_predictions(tiny_root, tmp_path):
+    from tests.conftest import tiny_config
+    from MoMKE.sweep import plan, run_locally
+    from MoMKE.uncertainty import interval
+    config = tiny_config(tiny_root, tmp_path / "runs", test_condition=["atv"], epochs=3,
+                         stage_epochs=1)
+    summary = run_locally(plan(config, [3], ablations=["uniform-router"]))
+    assert len(summary.trained) == 2 and not summary.failed
+    write_report([tmp_path / "runs"], tmp_path / "out", plots=False, ci=True, resamples=200)
+    text = (tmp_path / "out" / "CMUMOSI.md").read_text()
+    assert "95 % percentile bootstrap interval over test conversations" in text
+    assert "200 resamples" in text
+    # The atv cell's interval is the bootstrap of the run's own predictions, resampled by
+    # conversation, converted to points.
+    (folder,) = [p.parent for p in (tmp_path / "runs").glob("CMUMOSI/*/result.json")
+                 if json.loads(p.read_text())["variant"] == "MoMKE"]
+    with np.load(folder / "predictions.npz") as kept:
+        expected = interval(kept["fold1__run__best_val"], kept["fold1__labels"],
+                            kept["fold1__conversation"], regression=True, resamples=200)
+    acc2 = expected["acc2"]
+    best_val = text.split("### Test metrics at the best-on-validation epoch")[1]
+    assert f"| atv | 1 | {100 * acc2.point:.2f} [{100 * acc2.low:.2f}, {100 * acc2.high:.2f}]" \
+        in best_val
+    # The ablation comparison is paired and marked when its interval covers zero.
+    line = next(line for line in text.splitlines() if line.startswith("| MoMKE − uniform-router"))
+    assert line.count("[") == 5
+    assert "## Selection optimism" in text
