@@ -32,12 +32,12 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from MoMKE.config import TrainConfig, config_to_yaml
 from MoMKE.protocols import MissingSetting
@@ -238,19 +238,19 @@ class RunFolder:
             self._handler = None
 
 
-class TqdmHandler(logging.Handler):
-    """Console log lines that do not break the progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record))
-
-
 def setup_console_logging(level: int = logging.INFO) -> None:
-    if any(isinstance(h, TqdmHandler) for h in log.handlers):
-        return
-    handler = TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    """The MoMKE logger's console lines on stdout at `level` (the run folder's file handler
+    takes everything). While a progress bar is shown, `tqdm.contrib.logging.logging_redirect_tqdm`
+    sends them through `tqdm.write`, so they do not break the bar."""
+    handler = next((h for h in log.handlers if h.get_name() == "console"), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.set_name("console")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    # The current stdout, which a caller may have replaced (setStream would flush the old one,
+    # which may be closed by now).
+    handler.stream = sys.stdout
     handler.setLevel(level)
-    log.addHandler(handler)
     log.setLevel(logging.DEBUG)
     log.propagate = False

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dataloader.batch import BatchBuilder
 from dataloader.datasets import DataError
@@ -131,7 +132,7 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
         name = data.folds[fold].name
         description = f"{data.spec.name} {setting.name} {name} [{data.data_source}]"
         with tqdm(total=config.epochs, desc=description, unit="epoch", leave=False,
-                  disable=None) as progress:
+                  disable=None) as progress, logging_redirect_tqdm(loggers=[log]):
             trainer = FoldTrainer(config, data, fold, setting, device, builder)
             outcome = trainer.run(lambda record: _on_epoch(record, folder, progress, data),
                                   progress)
