@@ -27,7 +27,7 @@ from dataloader.datasets import get_spec
 from dataloader.datasets import DataError
 from dataloader.gcnet import data_fingerprint, feature_names_from, load_dataset
 from dataloader.synthetic import generate
-from MoMKE import stage1_cache, train
+from MoMKE import report, stage1_cache, train
 from MoMKE.config import ABLATIONS
 from MoMKE.config import ConfigError, TrainConfig, check_seed, parse_config
 from MoMKE.executors import SweepSummary, import_ray, run_on_ray
@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic-fallback", action="store_true",
                         help="without real features under --data-root, generate and use the "
                              "synthetic set in <data-root>/synthetic (the run scripts set this)")
+    parser.add_argument("--report", action="store_true",
+                        help="write and print the tables of <output-dir>/<dataset> when the "
+                             "runs are done (python -m MoMKE.report; the run scripts set this)")
+    parser.add_argument("--ci", action=argparse.BooleanOptionalAction, default=False,
+                        help="with --report: 95 %% bootstrap intervals and paired comparisons "
+                             "in the tables (the run scripts set this; --no-ci drops them)")
     parser.add_argument("--launcher", choices=["local", "ray"], default="local",
                         help="local: the runs one after another in this process (default); ray: "
                              "each run a Ray task, in parallel (needs requirements-ray.txt)")
@@ -203,6 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     log.info("%s", summary.report(time.perf_counter() - started))
+    if args.report:
+        tables = report.main([str(Path(config.output_dir) / config.dataset),
+                              *(["--ci"] if args.ci else [])])
+        if tables != 0:
+            return tables
     return 1 if summary.failed else 0
 
 

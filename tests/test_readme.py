@@ -34,13 +34,14 @@ def test_every_training_flag_is_documented():
 
 @pytest.mark.slow
 def test_quick_start_runs_on_the_synthetic_default(tmp_path):
-    env = {**os.environ, "EPOCHS": "2", "STAGE_EPOCHS": "1", "CONDITIONS": "atv", "RATES": "0.5",
-           "DATA_ROOT": str(tmp_path / "features"), "OUTPUT_DIR": str(tmp_path / "saved"),
-           "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["sh", "run_MoMKE_cmumosi.sh", "--hidden", "16"], cwd=ROOT, env=env,
+    env = {**os.environ, "EPOCHS": "2", "STAGE_EPOCHS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["sh", "run_MoMKE_cmumosi.sh", "--hidden", "16", "--test-condition",
+                           "atv", "--missing-rate", "0.5", "--data-root", str(tmp_path / "features"),
+                           "--output-dir", str(tmp_path / "saved")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "SYNTHETIC" in done.stderr + done.stdout
     assert (tmp_path / "features" / "synthetic" / "CMUMOSI" / "SYNTHETIC.json").is_file()
     assert len(list((tmp_path / "saved" / "CMUMOSI").glob("*/result.json"))) == 2
-    assert "| atv | 1 |" in (tmp_path / "saved" / "CMUMOSI" / "report" / "CMUMOSI.md").read_text()
+    table = (tmp_path / "saved" / "CMUMOSI" / "report" / "CMUMOSI.md").read_text()
+    assert "| atv | 1 |" in table and "bootstrap interval over test conversations" in table
