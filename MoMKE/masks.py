@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-MODALITIES = ("a", "t", "v")
+from MoMKE.model import MODALITIES
+
 CONDITIONS = ("a", "t", "v", "at", "av", "tv", "atv")
 MAX_RATE = 0.7
 RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)

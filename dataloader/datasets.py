@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The feature tables' keys. The model keeps its own order (MoMKE/model.py) because dataloader/
+# imports nothing from MoMKE/; both are the letters a, t, v.
 MODALITIES: tuple[str, ...] = ("a", "t", "v")
 MODALITY_NAMES = {"a": "audio", "t": "text", "v": "visual"}
 
