@@ -20,13 +20,14 @@ sit). An expert therefore sees an ordinary (R, S, D) sequence batch and an (R, S
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Callable, Mapping, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 MODALITIES = ("a", "t", "v")
+Features = Union[Tensor, Callable[[Tensor], Tensor]]  # (B, L, d), or flat positions (N,) -> (N, d)
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,11 @@ class TokenLayout:
     def count(self, m: str) -> int:
         return int(self.observed[m].shape[0])
 
-    def gather(self, m: str, x: Tensor) -> Tensor:
-        """The tokens of m from a padded (B, L, d) tensor: (N_m, d)."""
+    def gather(self, m: str, x: Features) -> Tensor:
+        """The tokens of m, (N_m, d): rows of a padded (B, L, d) tensor, or what a function of
+        the flat positions returns (it can read them straight from a feature table)."""
+        if callable(x) and not isinstance(x, Tensor):
+            return x(self.observed[m])
         return x.reshape(-1, x.shape[-1]).index_select(0, self.observed[m])
 
     def pack(self, tokens: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -159,7 +163,8 @@ class BitDropout(nn.Dropout):
     """`nn.Dropout` whose CPU keep-mask comes from random bits: at p = 0.5 one random byte gives
     eight fair coins, otherwise a uniform draw is compared with p. Each element is kept with
     probability 1 - p and scaled by 1 / (1 - p), as in `nn.Dropout`; only the random stream
-    differs. On the CPU `F.dropout` draws through a path several times slower; elsewhere it is used."""
+    differs. On the CPU `F.dropout` draws through a path several times slower; elsewhere it is
+    used as it is."""
 
     _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
@@ -190,7 +195,8 @@ class Attention(nn.Module):
         """x (R, S, D), attend (R, S, S) bool (query, key) -> z (R, S, D); z = 0 for a query
         with no valid key."""
         R, S, D = x.shape
-        q, k, v = self.qkv(x).view(R, S, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (R,H,S,D/H)
+        qkv = self.qkv(x).view(R, S, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (R, H, S, D/H) each
         # A finite fill keeps rows without a valid key finite; they are zeroed below.
         bias = torch.zeros(attend.shape, dtype=x.dtype, device=x.device).masked_fill_(
             ~attend, torch.finfo(x.dtype).min)[:, None]  # (R, 1, S, S)
@@ -282,15 +288,18 @@ class MoMKE(nn.Module):
                                           for m, d in zip(MODALITIES, config.input_dims)})
         self.input_drop = _dropout(config.drop_rate, config)
         self.experts = nn.ModuleDict({m: Expert(config) for m in MODALITIES})
-        self.unimodal_heads = nn.ModuleDict({m: nn.Linear(D, C) for m in MODALITIES})
+        self.unimodal_heads = nn.ModuleDict({m: nn.Linear(D, C)  # stage 1: y_m = r_m W + b
+                                             for m in MODALITIES})
         self.routers = nn.ModuleDict({m: SoftRouter(config) for m in MODALITIES})
         self.fusion = Fusion(config)
-        self.head = nn.Linear(len(MODALITIES) * D, C)
+        self.head = nn.Linear(len(MODALITIES) * D, C)  # stage 2: y = h W + b
 
-    def forward(self, features: Mapping[str, Tensor], available: Tensor, padding: Tensor,
+    def forward(self, features: Mapping[str, Features], available: Tensor, padding: Tensor,
                 stage: int) -> MoMKEOutput:
-        """`features[m]` (B, L, d_m); `available` (B, L, M) bool, True = observed; `padding`
-        (B, L) bool, True = padded; `stage` 1 (unimodal heads) or 2 (mixture and fusion)."""
+        """`features[m]` (B, L, d_m), or a function from flat positions b * L + l (N,) to their
+        rows (N, d_m) (`Batch.packed_features`: no padded copy); `available` (B, L, M) bool,
+        True = observed; `padding` (B, L) bool, True = padded; `stage` 1 (unimodal heads) or 2
+        (mixture and fusion)."""
         layout = TokenLayout.from_masks(available, padding)
         active = [m for m in MODALITIES if layout.count(m) > 0]
         h = {m: self.input_drop(self.projections[m](layout.gather(m, features[m])))

@@ -205,7 +205,7 @@ class FoldTrainer:
                 rows = slice(sum(lengths[:first]), sum(lengths[:last]))
                 batch = self.builder.build(conversations[first:last], available[rows])
                 with autocast(self.device, config.amp):
-                    output = model(batch.features, batch.available, batch.padding, stage)
+                    output = model(batch.packed_features(), batch.available, batch.padding, stage)
                 collected.add(output, batch, self.regression, counts).backward()
             self.optimizer.step()
         return collected.metrics(self.regression)
@@ -220,7 +220,8 @@ class FoldTrainer:
             collected = _Collector(stage)
             for batch in self._evaluation_batches(split, stage, setting):
                 with autocast(self.device, self.config.amp):
-                    output = self.model(batch.features, batch.available, batch.padding, stage)
+                    output = self.model(batch.packed_features(), batch.available,
+                                        batch.padding, stage)
                 collected.add(output, batch, self.regression)
             results[setting.name] = collected.metrics(self.regression)
         if self.setting.protocol == "unified" and stage == 2:

@@ -5,7 +5,7 @@ From: STYLE §4. A `Batch` keeps the three modalities apart and carries its mask
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +41,13 @@ class Batch:
     @property
     def features(self) -> dict[str, Tensor]:
         return {"a": self.audio, "t": self.text, "v": self.visual}
+
+    def packed_features(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        """Per modality, a function from flat positions (N,) to their feature rows (N, d_m),
+        gathered straight from the dataset tables (no padded (B, L, d_m) copy is made)."""
+        flat = self.rows.reshape(-1)
+        return {m: (lambda index, table=table: table.index_select(0, flat.index_select(0, index)))
+                for m, table in self.tables.items()}
 
     def targets(self, index: Tensor) -> Tensor:
         """Labels at the flat positions `index` (b * L + l), e.g. where the model's packed

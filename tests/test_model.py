@@ -244,3 +244,12 @@ def test_bit_dropout_keeps_one_minus_p_and_scales_like_nn_dropout(p):
     assert torch.equal(x.grad, y.detach())  # the same mask and scale for the gradient
     drop.eval()
     assert torch.equal(drop(x), x)
+
+
+def test_features_read_through_a_function_of_positions_equal_padded_features():
+    """`Batch.packed_features` hands the model functions that read only the real tokens."""
+    model = _model().eval()
+    features, available, padding = _inputs(8)
+    rows = {m: (lambda index, x=x: x.reshape(-1, x.shape[-1])[index]) for m, x in features.items()}
+    torch.testing.assert_close(model(rows, available, padding, 2).fused,
+                               model(features, available, padding, 2).fused)
