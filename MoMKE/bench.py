@@ -265,8 +265,8 @@ def summarise(m: dict) -> list[str]:
     padding = 1 - atv["real_tokens"] / atv["padded_tokens"]
     holes = 1 - atv["grid_tokens"] / atv["grid_slots"]
     lines.append(f"padding: a padded computation spends {100 * padding:.0f} % of its per-token "
-                 f"work on padding slots (stage 2, atv); here only the experts see empty slots "
-                 f"({100 * holes:.0f} % of their packed grids), every other layer real tokens only")
+                 f"work on padding slots (stage 2, atv); here only attention sees empty slots "
+                 f"({100 * holes:.0f} % of its packed grids), every other layer real tokens only")
     memory = m["peak_memory"]
     lines.append(f"peak memory: {memory['peak_memory_mb']:.0f} MB ({memory['memory']})")
     with_reuse, without = projected_seconds(m, reuse=True), projected_seconds(m, reuse=False)

@@ -15,7 +15,8 @@ Layout. Padded and missing utterances are zeroed by the SPEC anyway, so the mode
 real tokens: each modality's tokens are gathered from the (B, L) batch, and for the experts they
 are packed into rows of L slots, several short conversations sharing a row, with an attention
 mask that keeps every conversation to itself (`TokenLayout`, the one place that knows where tokens
-sit). An expert therefore sees an ordinary (R, S, D) sequence batch and an (R, S, S) mask.
+sit). An expert takes its tokens (N, D); only its attention lays them out in those rows
+(`PackedRows`), so every linear layer computes real tokens only.
 """
 from __future__ import annotations
 
@@ -115,19 +116,13 @@ class TokenLayout:
             return x(self.observed[m])
         return x.reshape(-1, x.shape[-1]).index_select(0, self.observed[m])
 
-    def pack(self, tokens: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The rows of every modality in `tokens` (m -> (N_m, D)), stacked: a grid (R, L, D),
-        zero in empty slots, and its attention mask (R, L, L)."""
-        grids = [x.new_zeros(self.rows[m] * self.length, x.shape[-1])
-                 .index_copy(0, self.slots[m], x).view(self.rows[m], self.length, -1)
-                 for m, x in tokens.items()]
-        return torch.cat(grids), torch.cat([self.attend[m] for m in tokens])
-
-    def unpack(self, grid: Tensor, modalities: list[str]) -> dict[str, Tensor]:
-        """The inverse of `pack` for a grid of `modalities`' rows: m -> (N_m, D)."""
-        parts = grid.split([self.rows[m] for m in modalities])
-        return {m: part.reshape(-1, grid.shape[-1]).index_select(0, self.slots[m])
-                for m, part in zip(modalities, parts)}
+    def rows_for(self, modalities: list[str]) -> PackedRows:
+        """The packed rows of `modalities`, stacked in that order, for their tokens concatenated
+        in the same order."""
+        offsets = torch.tensor([0] + [self.rows[m] for m in modalities]).cumsum(0).tolist()
+        slots = torch.cat([self.slots[m] + offsets[k] * self.length
+                           for k, m in enumerate(modalities)])
+        return PackedRows(slots, torch.cat([self.attend[m] for m in modalities]))
 
     def scatter(self, m: str, x: Tensor) -> Tensor:
         """Tokens of m (N_m, D) placed among all unpadded utterances: (N, D), zero where m is
@@ -155,6 +150,24 @@ def _pack_rows(counts: tuple[int, ...], capacity: int) -> tuple[int, Tensor, Ten
     owner = owner.view(len(used), capacity)
     attend = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
     return len(used), torch.tensor(start, dtype=torch.long), attend
+
+
+@dataclass
+class PackedRows:
+    """Tokens (N, D) laid out in R rows of S slots for attention: `slots` (N,) is each token's
+    slot r * S + j, `attend` (R, S, S) bool who may attend to whom."""
+
+    slots: Tensor
+    attend: Tensor
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(N, d) -> (R, S, d), zero in empty slots."""
+        R, S, _ = self.attend.shape
+        return x.new_zeros(R * S, x.shape[-1]).index_copy(0, self.slots, x).view(R, S, -1)
+
+    def unpack(self, grid: Tensor) -> Tensor:
+        """(R, S, d) -> (N, d)."""
+        return grid.reshape(-1, grid.shape[-1]).index_select(0, self.slots)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -191,11 +204,12 @@ class Attention(nn.Module):
         self.num_heads, self.attn_drop_rate = config.num_heads, config.attn_drop_rate
         self.qkv = nn.Linear(config.hidden, 3 * config.hidden)  # [q, k, v] = x W_qkv + b
 
-    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
-        """x (R, S, D), attend (R, S, S) bool (query, key) -> z (R, S, D); z = 0 for a query
-        with no valid key."""
-        R, S, D = x.shape
-        qkv = self.qkv(x).view(R, S, 3, self.num_heads, D // self.num_heads)
+    def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
+        """x (N, D) tokens -> z (N, D). Each token attends to the keys its row's mask allows
+        (`rows.attend`, (R, S, S) bool); z = 0 for a query with no valid key."""
+        attend, D = rows.attend, x.shape[-1]
+        R, S, _ = attend.shape
+        qkv = rows.pack(self.qkv(x)).view(R, S, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (R, H, S, D/H) each
         # A finite fill keeps rows without a valid key finite; they are zeroed below.
         bias = torch.zeros(attend.shape, dtype=x.dtype, device=x.device).masked_fill_(
@@ -203,7 +217,7 @@ class Attention(nn.Module):
         z = F.scaled_dot_product_attention(  # softmax(q k^T / sqrt(D/H) + bias) v
             q, k, v, attn_mask=bias, dropout_p=self.attn_drop_rate if self.training else 0.0)
         z = z.transpose(1, 2).reshape(R, S, D)  # heads concatenated
-        return z * attend.any(dim=-1, keepdim=True)
+        return rows.unpack(z * attend.any(dim=-1, keepdim=True))
 
 
 class ExpertLayer(nn.Module):
@@ -217,9 +231,9 @@ class ExpertLayer(nn.Module):
         self.fc2 = nn.Linear(inner, config.hidden)
         self.drop = _dropout(config.drop_rate, config)
 
-    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
-        """x (R, S, D), attend (R, S, S) -> (R, S, D)."""
-        z = self.attention(x, attend)
+    def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
+        """x (N, D) tokens -> (N, D); attention within `rows`, the MLP per token."""
+        z = self.attention(x, rows)
         return z + self.drop(self.fc2(self.drop(F.gelu(self.fc1(z)))))  # z + MLP(z)
 
 
@@ -230,10 +244,10 @@ class Expert(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(ExpertLayer(config) for _ in range(config.depth))
 
-    def forward(self, x: Tensor, attend: Tensor) -> Tensor:
-        """x (R, S, D), attend (R, S, S) -> r (R, S, D)."""
+    def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
+        """x (N, D) tokens, laid out for attention by `rows` -> r (N, D)."""
         for layer in self.layers:
-            x = x + layer(x, attend)
+            x = x + layer(x, rows)
         return x
 
 
@@ -329,9 +343,10 @@ class MoMKE(nn.Module):
         return MoMKEOutput({}, self.head(self.fusion(z)), weights, layout)
 
     def _expert(self, e: str, tokens: dict[str, Tensor], layout: TokenLayout) -> dict[str, Tensor]:
-        """Expert e over each modality's tokens (m -> (N_m, D)), all in one packed grid."""
-        grid, attend = layout.pack(tokens)  # (R, L, D), (R, L, L)
-        return layout.unpack(self.experts[e](grid, attend), list(tokens))
+        """Expert e over each modality's tokens (m -> (N_m, D)), all in one call."""
+        modalities = list(tokens)
+        r = self.experts[e](torch.cat(list(tokens.values())), layout.rows_for(modalities))
+        return dict(zip(modalities, r.split([len(x) for x in tokens.values()])))
 
     # ------------------------------------------------------------------ stage-1 -> stage-2 hand-over
 

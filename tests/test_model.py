@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from MoMKE.model import MODALITIES, Attention, BitDropout, ModelConfig, MoMKE
+from MoMKE.model import MODALITIES, Attention, BitDropout, ModelConfig, MoMKE, PackedRows
 
 B, L = 5, 7
 DIMS = (5, 6, 7)
@@ -173,11 +173,11 @@ def test_a_missing_modality_does_not_change_another_modalitys_expert_output():
 
 def test_attention_gives_zeros_to_queries_without_valid_keys():
     attention = Attention(ModelConfig(input_dims=DIMS, num_outputs=1, hidden=8, num_heads=2))
-    x = torch.randn(2, 4, 8, requires_grad=True)
+    x = torch.randn(8, 8, requires_grad=True)  # two rows of four tokens
     attend = torch.ones(2, 4, 4, dtype=torch.bool)
-    attend[1, 2] = False  # query 2 of row 1 may attend to no key
-    z = attention(x, attend)
-    assert torch.all(z[1, 2] == 0) and torch.isfinite(z).all()
+    attend[1, 2] = False  # query 2 of row 1 (token 6) may attend to no key
+    z = attention(x, PackedRows(torch.arange(8), attend))
+    assert torch.all(z[6] == 0) and torch.isfinite(z).all() and torch.all(z[5] != 0)
     z.sum().backward()
     assert torch.isfinite(x.grad).all()
 
