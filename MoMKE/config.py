@@ -93,6 +93,10 @@ class TrainConfig:
     mlp_ratio: float = _option("expert MLP width as a multiple of D", default=1.0)
     drop_rate: float = _option("dropout of projections, MLPs, routers and fusion", default=0.5)
     attn_drop_rate: float = _option("dropout of attention weights", default=0.0)
+    bit_dropout: bool = _option(
+        "CPU dropout masks from random bits (MoMKE/model.py BitDropout): the same Bernoulli keep "
+        "rate and scale as nn.Dropout, another random stream, 12-19 %% faster epochs on the CPU; "
+        "--no-bit-dropout uses nn.Dropout everywhere", default=True)
     # run
     seed: int = _option("random seed (data order, masks, initialisation, dropout)", default=66)
     folds: list[int] | None = _option("comma list of folds to run, 1-based (default: all; "

@@ -8,29 +8,27 @@ Notation
     B  conversations in a batch          L  utterances per conversation (padded to the longest)
     D  hidden size                       M  modalities (a, t, v)      E  experts (one per modality)
     H  attention heads                   C  outputs (classes, or 1 for regression)
-    N  tokens: the observed, unpadded utterances of one modality in a batch, packed
+    N  unpadded utterances of the batch  N_m  those where modality m is observed (its tokens)
+    R  rows of the packed grid           S  slots per row (S = L)
 
-How it runs. Compute follows real tokens: the experts' linear layers see only the observed,
-unpadded utterances, so padding and missing modalities (whose representations the SPEC zeroes
-anyway) cost nothing, and the experts of a layer run as one batched matmul over their stacked
-weights. For attention each modality's utterances are packed into rows of L slots (several short
-conversations share a row; `TokenLayout`) and attention runs as a batch of L x L blocks
-restricted to each conversation. `MoMKE/reference.py` computes the same function
-the literal, padded way; tests hold the two equal, gradients included.
+Layout. Padded and missing utterances are zeroed by the SPEC anyway, so the model computes only
+real tokens: each modality's tokens are gathered from the (B, L) batch, and for the experts they
+are packed into rows of L slots, several short conversations sharing a row, with an attention
+mask that keeps every conversation to itself (`TokenLayout`, the one place that knows where tokens
+sit). An expert takes its tokens (N, D); only its attention lays them out in those rows
+(`PackedRows`), so every linear layer computes real tokens only.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dataloader.batch import TokenLayout
-from dataloader.datasets import MODALITIES
-from MoMKE.dropout import Dropout
+MODALITIES = ("a", "t", "v")
+Features = Union[Tensor, Callable[[Tensor], Tensor]]  # (B, L, d), or flat positions (N,) -> (N, d)
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,7 @@ class ModelConfig:
     attn_drop_rate: float = 0.0
     router: str = "soft"  # "soft" (the paper) or "uniform" (ablation: equal weights, nothing learnt)
     experts: str = "all"  # "all" (the paper) or "self" (ablation: modality m uses expert m only)
+    bit_dropout: bool = False  # CPU dropout from random bits (`BitDropout`); same distribution
 
     def __post_init__(self) -> None:
         if self.hidden % self.num_heads:
@@ -58,241 +57,303 @@ class ModelConfig:
         return asdict(self)
 
 
+# ----------------------------------------------------------------------------- where tokens sit
+
+@dataclass
+class TokenLayout:
+    """Where the tokens of a (B, L) batch sit, and how they are packed for attention.
+
+    `observed[m]` (N_m,) are the flat positions b * L + l of the unpadded utterances where m is
+    observed, `valid` (N,) those of all unpadded utterances, and `valid_position[m]` (N_m,) the
+    place of each token of m inside `valid`. For the experts, the tokens of m fill `rows[m]` rows
+    of L slots: each conversation's tokens contiguous and in order, several short conversations
+    per row (first fit, longest first); `slots[m]` (N_m,) is each token's slot r * L + j and
+    `attend[m]` (R_m, L, L) says which slots may attend to which (same conversation, real key).
+    """
+
+    length: int
+    observed: dict[str, Tensor]
+    valid: Tensor
+    valid_position: dict[str, Tensor]
+    rows: dict[str, int]
+    slots: dict[str, Tensor]
+    attend: dict[str, Tensor]
+
+    @classmethod
+    def from_masks(cls, available: Tensor, padding: Tensor) -> TokenLayout:
+        """`available` (B, L, M) bool, True = observed; `padding` (B, L) bool, True = padded.
+        Computed on the host (it packs with Python loops); the index tensors go to their device."""
+        device = padding.device
+        available, padding = available.cpu(), padding.cpu()
+        length = padding.shape[1]
+        valid = (~padding).reshape(-1).nonzero().squeeze(1)
+        observed, rows, slots, attend = {}, {}, {}, {}
+        packings: dict[tuple[int, ...], tuple[int, Tensor, Tensor]] = {}
+        for i, m in enumerate(MODALITIES):
+            present = available[..., i] & ~padding  # (B, L)
+            observed[m] = present.reshape(-1).nonzero().squeeze(1)
+            per_conversation = present.sum(dim=1)  # (B,)
+            counts = tuple(per_conversation.tolist())
+            if counts not in packings:  # fixed conditions: every modality packs alike
+                packings[counts] = _pack_rows(counts, length)
+            rows[m], start, attend[m] = packings[counts]
+            conversation = observed[m] // length
+            first = per_conversation.cumsum(0) - per_conversation  # (B,) first token of each
+            rank = torch.arange(len(observed[m])) - first[conversation]  # place in its conversation
+            slots[m] = start[conversation] + rank
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return cls(length, {m: move(t) for m, t in observed.items()}, move(valid),
+                   {m: move(torch.searchsorted(valid, t)) for m, t in observed.items()}, rows,
+                   {m: move(t) for m, t in slots.items()}, {m: move(t) for m, t in attend.items()})
+
+    def count(self, m: str) -> int:
+        return int(self.observed[m].shape[0])
+
+    def gather(self, m: str, x: Features) -> Tensor:
+        """The tokens of m, (N_m, d): rows of a padded (B, L, d) tensor, or what a function of
+        the flat positions returns (it can read them straight from a feature table)."""
+        if callable(x) and not isinstance(x, Tensor):
+            return x(self.observed[m])
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.observed[m])
+
+    def rows_for(self, modalities: list[str]) -> PackedRows:
+        """The packed rows of `modalities`, stacked in that order, for their tokens concatenated
+        in the same order."""
+        offsets = torch.tensor([0] + [self.rows[m] for m in modalities]).cumsum(0).tolist()
+        slots = torch.cat([self.slots[m] + offsets[k] * self.length
+                           for k, m in enumerate(modalities)])
+        return PackedRows(slots, torch.cat([self.attend[m] for m in modalities]))
+
+    def scatter(self, m: str, x: Tensor) -> Tensor:
+        """Tokens of m (N_m, D) placed among all unpadded utterances: (N, D), zero where m is
+        missing."""
+        return x.new_zeros(self.valid.shape[0], x.shape[-1]).index_copy(
+            0, self.valid_position[m], x)
+
+
+def _pack_rows(counts: tuple[int, ...], capacity: int) -> tuple[int, Tensor, Tensor]:
+    """Place sequences of `counts` tokens in rows of `capacity` slots, first fit, longest first:
+    (rows, first slot of each sequence (B,), (rows, capacity, capacity) who may attend to whom)."""
+    start = [0] * len(counts)
+    used: list[int] = []  # filled slots per row
+    for i in sorted(range(len(counts)), key=lambda i: -counts[i]):
+        if counts[i] == 0:
+            continue
+        row = next((r for r, u in enumerate(used) if u + counts[i] <= capacity), len(used))
+        if row == len(used):
+            used.append(0)
+        start[i] = row * capacity + used[row]
+        used[row] += counts[i]
+    owner = torch.full((len(used) * capacity,), -1, dtype=torch.long)  # conversation of each slot
+    for i, n in enumerate(counts):
+        owner[start[i]:start[i] + n] = i
+    owner = owner.view(len(used), capacity)
+    attend = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
+    return len(used), torch.tensor(start, dtype=torch.long), attend
+
+
+@dataclass
+class PackedRows:
+    """Tokens (N, D) laid out in R rows of S slots for attention: `slots` (N,) is each token's
+    slot r * S + j, `attend` (R, S, S) bool who may attend to whom."""
+
+    slots: Tensor
+    attend: Tensor
+
+    def pack(self, x: Tensor) -> Tensor:
+        """(N, d) -> (R, S, d), zero in empty slots."""
+        R, S, _ = self.attend.shape
+        return x.new_zeros(R * S, x.shape[-1]).index_copy(0, self.slots, x).view(R, S, -1)
+
+    def unpack(self, grid: Tensor) -> Tensor:
+        """(R, S, d) -> (N, d)."""
+        return grid.reshape(-1, grid.shape[-1]).index_select(0, self.slots)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+class BitDropout(nn.Dropout):
+    """`nn.Dropout` whose CPU keep-mask comes from random bits: at p = 0.5 one random byte gives
+    eight fair coins, otherwise a uniform draw is compared with p. Each element is kept with
+    probability 1 - p and scaled by 1 / (1 - p), as in `nn.Dropout`; only the random stream
+    differs. On the CPU `F.dropout` draws through a path several times slower; elsewhere it is
+    used as it is."""
+
+    _SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        if self.p == 0.5:
+            coins = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8).random_()
+            keep = ((coins[:, None] >> self._SHIFTS) & 1).view(-1)[:x.numel()].view(x.shape)
+        else:
+            keep = (torch.rand(x.shape) >= self.p).view(torch.uint8)
+        return x.mul(keep).mul_(1.0 / (1.0 - self.p))  # autograd keeps the one-byte mask only
+
+
+def _dropout(p: float, config: ModelConfig) -> nn.Dropout:
+    return BitDropout(p) if config.bit_dropout else nn.Dropout(p)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention within each row, masked, with no output projection (SPEC §4.2)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.attn_drop_rate = config.num_heads, config.attn_drop_rate
+        self.qkv = nn.Linear(config.hidden, 3 * config.hidden)  # [q, k, v] = x W_qkv + b
+
+    def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
+        """x (N, D) tokens -> z (N, D). Each token attends to the keys its row's mask allows
+        (`rows.attend`, (R, S, S) bool); z = 0 for a query with no valid key."""
+        attend, D = rows.attend, x.shape[-1]
+        R, S, _ = attend.shape
+        qkv = rows.pack(self.qkv(x)).view(R, S, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (R, H, S, D/H) each
+        # A finite fill keeps rows without a valid key finite; they are zeroed below.
+        bias = torch.zeros(attend.shape, dtype=x.dtype, device=x.device).masked_fill_(
+            ~attend, torch.finfo(x.dtype).min)[:, None]  # (R, 1, S, S)
+        z = F.scaled_dot_product_attention(  # softmax(q k^T / sqrt(D/H) + bias) v
+            q, k, v, attn_mask=bias, dropout_p=self.attn_drop_rate if self.training else 0.0)
+        z = z.transpose(1, 2).reshape(R, S, D)  # heads concatenated
+        return rows.unpack(z * attend.any(dim=-1, keepdim=True))
+
+
+class ExpertLayer(nn.Module):
+    """One expert layer: z = Attention(x); z + MLP(z) (SPEC §4.2; no LayerNorm)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inner = int(config.hidden * config.mlp_ratio)
+        self.attention = Attention(config)
+        self.fc1 = nn.Linear(config.hidden, inner)
+        self.fc2 = nn.Linear(inner, config.hidden)
+        self.drop = _dropout(config.drop_rate, config)
+
+    def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
+        """x (N, D) tokens -> (N, D); attention within `rows`, the MLP per token."""
+        z = self.attention(x, rows)
+        return z + self.drop(self.fc2(self.drop(F.gelu(self.fc1(z)))))  # z + MLP(z)
+
+
+class Expert(nn.Module):
+    """One modality expert: `depth` layers added residually, x <- x + layer(x) (SPEC §4.2)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ExpertLayer(config) for _ in range(config.depth))
+
+    def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
+        """x (N, D) tokens, laid out for attention by `rows` -> r (N, D)."""
+        for layer in self.layers:
+            x = x + layer(x, rows)
+        return x
+
+
+class SoftRouter(nn.Module):
+    """Per-token weights over the experts: w = softmax(Dropout(fc2(Dropout(GELU(fc1(h))))))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden, config.hidden)
+        self.fc2 = nn.Linear(config.hidden, len(MODALITIES))
+        self.drop = _dropout(config.drop_rate, config)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h (N_m, D) -> router_weights (N_m, E), rows summing to 1."""
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(h))))).softmax(dim=-1)
+
+
+class Fusion(nn.Module):
+    """h = z + Dropout(ReLU(Linear(3D, 3D)(z))) (SPEC §4.5)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        width = len(MODALITIES) * config.hidden
+        self.linear = nn.Linear(width, width)
+        self.drop = _dropout(config.drop_rate, config)
+
+    def forward(self, z: Tensor) -> Tensor:
+        """z (N, M * D) -> fused (N, M * D)."""
+        return z + self.drop(F.relu(self.linear(z)))
+
+
+# ----------------------------------------------------------------------------- the model
+
 @dataclass
 class MoMKEOutput:
-    """Packed predictions. Stage 1: `unimodal[m]` (N_m, C) at `layout.observed[m]`.
-    Stage 2: `fused` (N, C) at `layout.valid` and `router_weights[m]` (N_m, E)."""
+    """Predictions of the real tokens, located by `layout`. Stage 1: `unimodal[m]` (N_m, C) at
+    `layout.observed[m]`. Stage 2: `fused` (N, C) at `layout.valid` and `router_weights[m]`
+    (N_m, E). Modalities with no token in the batch have no entry."""
 
     unimodal: dict[str, Tensor]
     fused: Tensor | None
     router_weights: dict[str, Tensor]
-
-
-def _rows_of(features: Tensor | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    if callable(features) and not isinstance(features, Tensor):
-        return features
-    return lambda index: features.reshape(-1, features.shape[-1]).index_select(0, index)
-
-
-def _linear_init(weight: Tensor, bias: Tensor, fan_in: int) -> None:
-    bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation
-    nn.init.uniform_(weight, -bound, bound)
-    nn.init.uniform_(bias, -bound, bound)
-
-
-class ExpertLayer(nn.Module):
-    """The weights of one layer of one expert: multi-head self-attention over a conversation's
-    utterances with q, k, v fused into one (D, 3D) weight (no output projection), then an MLP.
-    The computation lives in `Experts.forward`, which runs the same layer of several experts as
-    one batched matmul over their stacked weights."""
-
-    def __init__(self, *, hidden: int, mlp_ratio: float) -> None:
-        super().__init__()
-        inner = int(hidden * mlp_ratio)
-        self.qkv_weight = nn.Parameter(torch.empty(hidden, 3 * hidden))
-        self.qkv_bias = nn.Parameter(torch.empty(1, 3 * hidden))
-        self.fc1_weight = nn.Parameter(torch.empty(hidden, inner))
-        self.fc1_bias = nn.Parameter(torch.empty(1, inner))
-        self.fc2_weight = nn.Parameter(torch.empty(inner, hidden))
-        self.fc2_bias = nn.Parameter(torch.empty(1, hidden))
-        for weight, bias, fan_in in ((self.qkv_weight, self.qkv_bias, hidden),
-                                     (self.fc1_weight, self.fc1_bias, hidden),
-                                     (self.fc2_weight, self.fc2_bias, inner)):
-            _linear_init(weight, bias, fan_in)
-
-    def weights(self) -> tuple[Tensor, ...]:
-        return (self.qkv_weight, self.qkv_bias, self.fc1_weight, self.fc1_bias,
-                self.fc2_weight, self.fc2_bias)
-
-
-class Expert(nn.Module):
-    """One modality expert: `depth` layers, x <- x + layer(x), no LayerNorm (SPEC §4.2)."""
-
-    def __init__(self, *, depth: int, hidden: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(ExpertLayer(hidden=hidden, mlp_ratio=mlp_ratio)
-                                    for _ in range(depth))
-
-
-class Experts(nn.Module):
-    """The E modality experts, run together: layer l of every expert in use is one batched matmul
-    over the experts' stacked weights, applied to the real tokens only (E', T, D). Attention alone
-    needs the conversations laid out: q, k, v are placed in the packed grid (`TokenLayout`), where
-    it runs as a batch of L x L blocks restricted to each conversation, and its output is read back
-    at the tokens' slots. Only the experts in use are stacked, so an expert that sees no token gets
-    no gradient (and Adam leaves it alone), as with separate modules."""
-
-    def __init__(self, *, depth: int, hidden: int, num_heads: int, mlp_ratio: float,
-                 drop_rate: float, attn_drop_rate: float) -> None:
-        super().__init__()
-        self.experts = nn.ModuleDict({m: Expert(depth=depth, hidden=hidden, mlp_ratio=mlp_ratio)
-                                      for m in MODALITIES})
-        self.depth, self.num_heads = depth, num_heads
-        self.attn_drop = Dropout(attn_drop_rate)
-        self.drop = Dropout(drop_rate)
-
-    def forward(self, x: Tensor, place: Tensor, attend: Tensor, experts: list[str]) -> Tensor:
-        """x (E', T, D): the tokens of `experts`, in that order; `place` (E' * T,): each token's
-        position in the flattened grids (E' * G slots, G = R * L); `attend` (E' * R, 1, L, L)."""
-        for depth in range(self.depth):
-            layers = [self.experts[e].layers[depth] for e in experts]
-            weights = [torch.stack(w) for w in zip(*(layer.weights() for layer in layers))]
-            x = x + self._layer(x, place, attend, *weights)
-        return x
-
-    def _layer(self, x: Tensor, place: Tensor, attend: Tensor, qkv_w: Tensor, qkv_b: Tensor,
-               fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor) -> Tensor:
-        experts, tokens, hidden = x.shape  # (E', T, D)
-        length = attend.shape[-1]
-        slots = attend.shape[0] * length  # E' * G
-        heads, head_dim = self.num_heads, hidden // self.num_heads
-        qkv = torch.baddbmm(qkv_b, x, qkv_w).view(-1, 3 * hidden)  # (E' T, 3D)
-        # Empty grid slots hold zero keys and values that no real query attends to.
-        grid = qkv.new_zeros(slots, 3 * hidden).index_copy(0, place, qkv)
-        q, k, v = grid.view(-1, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # (E'R, H, L, hd)
-        logits = torch.matmul(q, k.transpose(-2, -1)).mul_(head_dim ** -0.5)  # (E'R, H, L, L)
-        logits.masked_fill_(~attend, torch.finfo(logits.dtype).min)
-        attention = self.attn_drop(logits.softmax(dim=-1))
-        # Every real query is itself a valid key, so no real row is empty; rows of empty slots
-        # stay finite and are never read out. (reference.py zeroes empty rows explicitly.)
-        z = (attention @ v).transpose(1, 2).reshape(slots, hidden)  # (E' G, D)
-        z = z.index_select(0, place).view(experts, tokens, hidden)  # (E', T, D)
-        h = self.drop(F.gelu(torch.baddbmm(fc1_b, z, fc1_w)))
-        return self.drop(torch.baddbmm(fc2_b, h, fc2_w)).add_(z)  # z + MLP(z)
-
-
-class SoftRouter(nn.Module):
-    """Per-utterance weights over the E experts: Linear, GELU, Dropout, Linear, Dropout, softmax."""
-
-    def __init__(self, hidden: int, experts: int, drop_rate: float) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(hidden, hidden)
-        self.fc2 = nn.Linear(hidden, experts)
-        self.drop = Dropout(drop_rate)
-
-    def forward(self, h: Tensor) -> Tensor:
-        logits = self.drop(self.fc2(self.drop(F.gelu(self.fc1(h)))))
-        return logits.softmax(dim=-1)  # (N, E)
+    layout: TokenLayout
 
 
 class MoMKE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        D, C, E = config.hidden, config.num_outputs, len(MODALITIES)
-        self.projections = nn.ModuleDict({m: nn.Linear(d, D)
+        D, C = config.hidden, config.num_outputs
+        self.projections = nn.ModuleDict({m: nn.Linear(d, D)  # h_m = Dropout(x_m W_m + b_m)
                                           for m, d in zip(MODALITIES, config.input_dims)})
-        self.input_drop = Dropout(config.drop_rate)
-        self.experts = Experts(depth=config.depth, hidden=D, num_heads=config.num_heads,
-                               mlp_ratio=config.mlp_ratio, drop_rate=config.drop_rate,
-                               attn_drop_rate=config.attn_drop_rate)
-        self.unimodal_heads = nn.ModuleDict({m: nn.Linear(D, C) for m in MODALITIES})
-        self.routers = nn.ModuleDict({m: SoftRouter(D, E, config.drop_rate) for m in MODALITIES})
-        self.fusion = nn.Linear(E * D, E * D)
-        self.fusion_drop = Dropout(config.drop_rate)
-        self.head = nn.Linear(E * D, C)
+        self.input_drop = _dropout(config.drop_rate, config)
+        self.experts = nn.ModuleDict({m: Expert(config) for m in MODALITIES})
+        self.unimodal_heads = nn.ModuleDict({m: nn.Linear(D, C)  # stage 1: y_m = r_m W + b
+                                             for m in MODALITIES})
+        self.routers = nn.ModuleDict({m: SoftRouter(config) for m in MODALITIES})
+        self.fusion = Fusion(config)
+        self.head = nn.Linear(len(MODALITIES) * D, C)  # stage 2: y = h W + b
 
-    def forward(self, features: Mapping[str, Tensor | Callable[[Tensor], Tensor]],
-                layout: TokenLayout, stage: int) -> MoMKEOutput:
-        """`features[m]`: a padded (B, L, d_m) tensor, or a function from flat positions (N,) to
-        their rows (N, d_m) (how `Batch.packed_features` avoids building padded inputs);
-        `layout` from `TokenLayout.from_masks`; `stage` 1 or 2."""
-        features = {m: _rows_of(x) for m, x in features.items()}
-        D = self.config.hidden
+    def forward(self, features: Mapping[str, Features], available: Tensor, padding: Tensor,
+                stage: int) -> MoMKEOutput:
+        """`features[m]` (B, L, d_m), or a function from flat positions b * L + l (N,) to their
+        rows (N, d_m) (`Batch.packed_features`: no padded copy); `available` (B, L, M) bool,
+        True = observed; `padding` (B, L) bool, True = padded; `stage` 1 (unimodal heads) or 2
+        (mixture and fusion)."""
+        layout = TokenLayout.from_masks(available, padding)
         active = [m for m in MODALITIES if layout.count(m) > 0]
-        projected = {m: self.input_drop(self.projections[m](features[m](layout.observed[m])))
-                     for m in active}  # m -> (N_m, D)
+        h = {m: self.input_drop(self.projections[m](layout.gather(m, features[m])))
+             for m in active}  # m -> (N_m, D)
         if stage == 1 or self.config.experts == "self":
-            routes = {m: [m] for m in active}  # expert m sees modality m only
-        else:
-            routes = {e: active for e in MODALITIES}
-        outputs = self._run_experts(projected, routes, layout)  # (expert, modality) -> (N_m, D)
+            r = {m: self._expert(m, {m: h[m]}, layout)[m] for m in active}  # r_m = Expert_m(h_m)
         if stage == 1:
-            return MoMKEOutput({m: self.unimodal_heads[m](outputs[m, m]) for m in active}, None, {})
+            return MoMKEOutput({m: self.unimodal_heads[m](r[m]) for m in active}, None, {}, layout)
 
-        mixed, weights = {}, {}
-        for m in active:
-            if self.config.experts == "self":
-                weights[m] = F.one_hot(torch.tensor(MODALITIES.index(m), device=projected[m].device),
-                                       len(MODALITIES)).to(projected[m].dtype).expand(
-                                           projected[m].shape[0], -1)
-                mixed[m] = outputs[m, m]
-                continue
+        E = len(MODALITIES)
+        if self.config.experts == "self":
+            own = lambda m: F.one_hot(torch.tensor(MODALITIES.index(m)), E)  # noqa: E731
+            weights = {m: own(m).to(h[m]).expand(len(h[m]), E) for m in active}
+            mixed = r  # z_m = r_(m,m)
+        else:
+            outputs = {e: self._expert(e, h, layout) for e in MODALITIES}  # r_(m,e) = Expert_e(h_m)
             if self.config.router == "uniform":
-                weights[m] = projected[m].new_full((projected[m].shape[0], len(MODALITIES)),
-                                                   1.0 / len(MODALITIES))
+                weights = {m: h[m].new_full((len(h[m]), E), 1.0 / E) for m in active}
             else:
-                weights[m] = self.routers[m](projected[m])  # (N_m, E)
-            stacked = torch.stack([outputs[e, m] for e in MODALITIES], dim=1)  # (N_m, E, D)
-            mixed[m] = (weights[m].unsqueeze(-1) * stacked).sum(dim=1)  # (N_m, D)
-        zeros = next(iter(mixed.values())).new_zeros(layout.valid.shape[0], D)
-        blocks = [zeros.index_copy(0, layout.valid_position[m], mixed[m]) if m in mixed else zeros
-                  for m in MODALITIES]  # z = [z_a, z_t, z_v], zero where a modality is missing
-        fused = torch.cat(blocks, dim=1)  # (N, M * D)
-        # Blocks of modalities missing from the whole batch are zero: skip their weight columns.
-        columns = torch.cat([torch.arange(i * D, (i + 1) * D) for i, m in enumerate(MODALITIES)
-                             if m in mixed]).to(fused.device) if len(mixed) < len(MODALITIES) else None
-        if columns is None:
-            update = self.fusion(fused)
-        else:
-            update = F.linear(torch.cat([blocks[MODALITIES.index(m)] for m in MODALITIES
-                                         if m in mixed], dim=1),
-                              self.fusion.weight.index_select(1, columns), self.fusion.bias)
-        hidden = fused + self.fusion_drop(F.relu(update))
-        return MoMKEOutput({}, self.head(hidden), weights)
+                weights = {m: self.routers[m](h[m]) for m in active}  # w_m (N_m, E)
+            mixed = {m: torch.einsum("ne,end->nd", weights[m],  # z_m = sum_e w_(m,e) r_(m,e)
+                                     torch.stack([outputs[e][m] for e in MODALITIES]))
+                     for m in active}
+        z = torch.cat([layout.scatter(m, mixed[m]) if m in mixed
+                       else h[active[0]].new_zeros(len(layout.valid), self.config.hidden)
+                       for m in MODALITIES], dim=-1)  # z = [z_a, z_t, z_v] (N, M * D)
+        return MoMKEOutput({}, self.head(self.fusion(z)), weights, layout)
 
-    def _run_experts(self, projected: dict[str, Tensor], routes: dict[str, list[str]],
-                     layout: TokenLayout) -> dict[tuple[str, str], Tensor]:
-        """Run every expert e over the tokens of the modalities `routes[e]`, all experts at once.
-
-        Expert e's tokens are its modalities' tokens back to back, and its attention grid stacks
-        those modalities' packed rows. Experts with fewer tokens get zero tokens at the end,
-        placed in spare grid rows that attend to nothing."""
-        L, D = layout.length, self.config.hidden
-        experts = list(routes)
-        counts = [sum(layout.count(m) for m in routes[e]) for e in experts]
-        tokens = max(counts)
-        used_rows = [sum(layout.rows[m] for m in routes[e]) for e in experts]
-        rows = max(used_rows) + -(-(tokens - min(counts)) // L)  # spare rows for filler tokens
-        starts: dict[tuple[str, str], int] = {}  # (e, m) -> first token of m in e's tokens
-
-        def lay_out(k: int, e: str) -> tuple[Tensor, Tensor, Tensor]:
-            xs, places, row, token = [], [], 0, 0
-            attend = layout.attend[routes[e][0]].new_zeros(rows, L, L)
-            for m in routes[e]:
-                starts[e, m] = token
-                xs.append(projected[m])
-                places.append(row * L + layout.slots[m])
-                attend[row:row + layout.rows[m]] = layout.attend[m]
-                row, token = row + layout.rows[m], token + layout.count(m)
-            if token < tokens:  # filler tokens in the spare rows
-                xs.append(projected[routes[e][0]].new_zeros(tokens - token, D))
-                places.append(torch.arange(used_rows[k] * L, used_rows[k] * L + tokens - token,
-                                           device=attend.device))
-            return torch.cat(xs), torch.cat(places) + k * rows * L, attend
-
-        if all(routes[e] == routes[experts[0]] for e in experts):  # stage 2: the same tokens
-            x, place, attend = lay_out(0, experts[0])
-            for e in experts[1:]:
-                starts.update({(e, m): starts[experts[0], m] for m in routes[e]})
-            x = x.expand(len(experts), -1, -1)
-            place = torch.cat([place + k * rows * L for k in range(len(experts))])
-            attend = attend.repeat(len(experts), 1, 1)
-        else:
-            laid = [lay_out(k, e) for k, e in enumerate(experts)]
-            x = torch.stack([part[0] for part in laid])
-            place = torch.cat([part[1] for part in laid])
-            attend = torch.cat([part[2] for part in laid])
-        out = self.experts(x, place, attend.unsqueeze(1), experts)  # (E', T, D)
-        return {(e, m): out[k, starts[e, m]:starts[e, m] + layout.count(m)]
-                for k, e in enumerate(experts) for m in routes[e]}
+    def _expert(self, e: str, tokens: dict[str, Tensor], layout: TokenLayout) -> dict[str, Tensor]:
+        """Expert e over each modality's tokens (m -> (N_m, D)), all in one call."""
+        modalities = list(tokens)
+        r = self.experts[e](torch.cat(list(tokens.values())), layout.rows_for(modalities))
+        return dict(zip(modalities, r.split([len(x) for x in tokens.values()])))
 
     # ------------------------------------------------------------------ stage-1 -> stage-2 hand-over
 
     def modality_state(self, m: str) -> dict[str, Tensor]:
         """A real copy of modality m's projection and of expert m."""
         return {name: value.detach().clone() for name, value in self.state_dict().items()
-                if name.startswith((f"projections.{m}.", f"experts.experts.{m}."))}
+                if name.startswith((f"projections.{m}.", f"experts.{m}."))}
 
     def load_modality_state(self, m: str, state: Mapping[str, Tensor]) -> None:
         """Set modality m's projection and expert m to `state` through `load_state_dict`."""
@@ -302,4 +363,3 @@ class MoMKE(nn.Module):
 
     def expert_parameters(self) -> list[nn.Parameter]:
         return list(self.experts.parameters())
-

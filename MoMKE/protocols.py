@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dataloader.datasets import MODALITIES
+from MoMKE.model import MODALITIES
 
 CONDITIONS = ("a", "t", "v", "at", "av", "tv", "atv")
 MAX_RATE = 0.7

@@ -28,8 +28,8 @@ log = logging.getLogger("MoMKE")
 # Settings stage 1 depends on. Not here: epochs (stage 2 length), conditions, rates, output options.
 _STAGE1_FIELDS = ("dataset", "audio_feature", "text_feature", "video_feature", "stage_epochs",
                   "batch_size", "chunk_utterances", "lr", "l2", "expert_handover", "hidden",
-                  "depth", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate", "seed", "amp",
-                  "select_from")
+                  "depth", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate", "bit_dropout",
+                  "seed", "amp", "select_from")
 SNAPSHOT_KEYS = frozenset({"model", "optimizer", "rng_torch", "rng_data", "rng_cuda", "records",
                            "handover"})
 

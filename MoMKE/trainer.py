@@ -55,7 +55,7 @@ def model_config_for(config: TrainConfig, data: MultimodalDataset) -> ModelConfi
                        num_outputs=data.spec.num_classes, hidden=config.hidden, depth=config.depth,
                        num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
                        drop_rate=config.drop_rate, attn_drop_rate=config.attn_drop_rate,
-                       **model_options(config.ablation))
+                       bit_dropout=config.bit_dropout, **model_options(config.ablation))
 
 
 class FoldTrainer:
@@ -237,7 +237,7 @@ class FoldTrainer:
                 rows = slice(sum(lengths[:first]), sum(lengths[:last]))
                 batch = self.builder.build(conversations[first:last], available[rows])
                 with autocast(self.device, config.amp):
-                    output = model(batch.packed_features(), batch.layout, stage)
+                    output = model(batch.packed_features(), batch.available, batch.padding, stage)
                 collected.add(output, batch, self.regression, counts).backward()
             self.optimizer.step()
         return collected.metrics(self.regression)
@@ -257,11 +257,12 @@ class FoldTrainer:
             fused = _Collector(2) if fused_too else None
             for batch in self._evaluation_batches(split, stage, setting):
                 with autocast(self.device, self.config.amp):
-                    output = self.model(batch.packed_features(), batch.layout, stage)
+                    output = self.model(batch.packed_features(), batch.available,
+                                        batch.padding, stage)
                     collected.add(output, batch, self.regression)
                     if fused is not None:
-                        fused.add(self.model(batch.packed_features(), batch.layout, 2), batch,
-                                  self.regression)
+                        fused.add(self.model(batch.packed_features(), batch.available,
+                                             batch.padding, 2), batch, self.regression)
             results[setting.name] = collected.metrics(self.regression)
             if fused is not None:
                 results[setting.name]["fused"] = fused.metrics(self.regression)
@@ -368,14 +369,14 @@ class _Collector:
         when this is one chunk of it), or by this batch's own count when `counts` is None.
         The logged loss is the mean of batch losses weighted by their utterances."""
         if self.stage == 1:
-            pairs = {m: (output.unimodal[m], batch.targets(batch.layout.observed[m]))
+            pairs = {m: (output.unimodal[m], batch.targets(output.layout.observed[m]))
                      for m in output.unimodal}
         else:
-            pairs = {"fused": (output.fused, batch.targets(batch.layout.valid))}
+            pairs = {"fused": (output.fused, batch.targets(output.layout.valid))}
         loss = sum(task_loss(p.float(), t, regression=regression, reduction="sum")
                    / max(counts[name] if counts else p.shape[0], 1)
                    for name, (p, t) in pairs.items())
-        tokens = batch.layout.valid.shape[0]
+        tokens = output.layout.valid.shape[0]
         whole = counts.get("batch", tokens) if counts else tokens  # utterances of the whole batch
         self.loss_sum = self.loss_sum + loss.detach() * whole
         self.tokens += tokens

@@ -1,8 +1,6 @@
-"""Named, batch-first batches of conversations, and where their tokens sit.
+"""Named, batch-first batches of conversations.
 
-From: STYLE §4. A `Batch` keeps the three modalities apart and carries its masks by name; its
-`TokenLayout` lists, per modality, the flat (b * L + l) positions of the observed, unpadded
-utterances, computed on the host when the batch is built so the GPU never waits on it.
+From: STYLE §4. A `Batch` keeps the three modalities apart and carries its masks by name.
 """
 from __future__ import annotations
 
@@ -13,88 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dataloader.datasets import MODALITIES
 from dataloader.gcnet import MultimodalDataset
-
-
-@dataclass
-class TokenLayout:
-    """Where the tokens of a (B, L) batch sit, computed once on the host when the batch is built.
-
-    `observed[m]` are the flat positions b * L + l of the unpadded utterances where modality m is
-    observed; `valid` those of all unpadded utterances; `valid_position[m]` locates each observed
-    token of m inside `valid`. For attention, the observed utterances of m are packed into
-    `rows[m]` rows of L slots (each conversation's utterances of m contiguous and in order; several
-    short conversations share a row, first-fit, longest first), so attention runs on real
-    tokens and a few holes instead of B padded rows: `slots[m]` is each token's position
-    r * L + j in that grid, and `attend[m]` (R_m, L, L) says which slots may attend to each other
-    (the same conversation, a real key).
-    """
-
-    batch: int
-    length: int
-    observed: dict[str, Tensor]  # m -> (N_m,) long, sorted
-    valid: Tensor  # (N,) long, sorted
-    valid_position: dict[str, Tensor]  # m -> (N_m,) long
-    rows: dict[str, int]  # m -> R_m
-    slots: dict[str, Tensor]  # m -> (N_m,) long, positions in m's packed (R_m, L) grid
-    attend: dict[str, Tensor]  # m -> (R_m, L, L) bool
-
-    @classmethod
-    def from_masks(cls, available: Tensor, padding: Tensor) -> TokenLayout:
-        """`available` (B, L, M) bool, True = observed; `padding` (B, L) bool, True = padded slot."""
-        batch, length = padding.shape
-        flat_real = (~padding).reshape(-1)
-        valid = flat_real.nonzero().squeeze(1)
-        observed, rows, slots, attend = {}, {}, {}, {}
-        packings: dict[tuple[int, ...], tuple] = {}
-        for i, m in enumerate(MODALITIES):
-            present = available[..., i] & ~padding  # (B, L)
-            observed[m] = present.reshape(-1).nonzero().squeeze(1)
-            counts = tuple(present.sum(dim=1).tolist())
-            if counts not in packings:  # fixed conditions: every modality packs alike
-                packings[counts] = _packed_grid(counts, length)
-            rows[m], start, attend[m] = packings[counts]
-            conversation = observed[m] // length
-            rank = torch.cumsum(present.reshape(-1).long(), 0)[observed[m]] - 1 \
-                - present.sum(dim=1).cumsum(0).sub(present.sum(dim=1))[conversation]
-            slots[m] = start[conversation] + rank  # (N_m,) position within m's grid
-        return cls(batch, length, observed, valid,
-                   {m: torch.searchsorted(valid, idx) for m, idx in observed.items()},
-                   rows, slots, attend)
-
-    def to(self, device: torch.device | str) -> TokenLayout:
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return TokenLayout(self.batch, self.length,
-                           {m: move(t) for m, t in self.observed.items()}, move(self.valid),
-                           {m: move(t) for m, t in self.valid_position.items()}, self.rows,
-                           {m: move(t) for m, t in self.slots.items()},
-                           {m: move(t) for m, t in self.attend.items()})
-
-    def count(self, m: str) -> int:
-        return int(self.observed[m].shape[0])
-
-
-def _packed_grid(counts: tuple[int, ...], capacity: int) -> tuple[int, Tensor, Tensor]:
-    """Pack sequences of `counts` utterances into rows of `capacity` slots (first-fit,
-    longest first): (rows, start slot of each sequence, (rows, L, L) who-may-attend-whom)."""
-    start = [0] * len(counts)
-    used: list[int] = []
-    for i in sorted(range(len(counts)), key=lambda i: -counts[i]):
-        if counts[i] == 0:
-            continue
-        row = next((r for r, u in enumerate(used) if u + counts[i] <= capacity), len(used))
-        if row == len(used):
-            used.append(0)
-        start[i] = row * capacity + used[row]
-        used[row] += counts[i]
-    rows = len(used)
-    segment = torch.full((rows * capacity,), -1, dtype=torch.long)
-    for i, n in enumerate(counts):
-        segment[start[i]:start[i] + n] = i
-    segment = segment.view(rows, capacity)
-    attend = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
-    return rows, torch.tensor(start, dtype=torch.long), attend
 
 
 @dataclass
@@ -107,7 +24,6 @@ class Batch:
     padding: Tensor  # (B, L) bool, True = a padded slot, not an utterance
     labels: Tensor  # (B, L) float32 (regression) or int64 (classes); 0 at padded slots
     conversations: list[int]  # indices into the dataset's conversations
-    layout: TokenLayout
     tables: dict[str, Tensor]  # modality -> (N + 1, d) features of the whole dataset
 
     @property
@@ -134,7 +50,8 @@ class Batch:
                 for m, table in self.tables.items()}
 
     def targets(self, index: Tensor) -> Tensor:
-        """Labels at the flat positions `index` (packed like the model's predictions)."""
+        """Labels at the flat positions `index` (b * L + l), e.g. where the model's packed
+        predictions sit."""
         return self.labels.reshape(-1).index_select(0, index)
 
 
@@ -161,12 +78,11 @@ class BatchBuilder:
         real = steps[None, :] < lengths[:, None]  # (B, L)
         rows = torch.where(real, self.offsets[conversations][:, None] + steps[None, :],
                            self.padding_row)
-        padded_available = torch.zeros(*real.shape, len(MODALITIES), dtype=torch.bool)
+        padded_available = torch.zeros(*real.shape, available.shape[1], dtype=torch.bool)
         padded_available[real] = available
         padding = ~real
-        layout = TokenLayout.from_masks(padded_available, padding)
         rows = rows.to(self.device, non_blocking=True)
         return Batch(rows=rows, available=padded_available.to(self.device, non_blocking=True),
                      padding=padding.to(self.device, non_blocking=True),
                      labels=self.labels[rows], conversations=conversations,
-                     layout=layout.to(self.device), tables=self.features)
+                     tables=self.features)

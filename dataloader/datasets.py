@@ -12,6 +12,8 @@ class DataError(ValueError):
     message is one sentence naming the file or flag at fault and what to do (SPEC §8)."""
 
 
+# The feature tables' keys. The model keeps its own order (MoMKE/model.py) because dataloader/
+# imports nothing from MoMKE/; both are the letters a, t, v.
 MODALITIES: tuple[str, ...] = ("a", "t", "v")
 MODALITY_NAMES = {"a": "audio", "t": "text", "v": "visual"}
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dataloader.batch import TokenLayout
-from MoMKE.bench import at_matmul_peak, model_flops, projected_seconds
+from MoMKE.bench import at_matmul_peak, counted_flops, model_flops, projected_seconds
 from MoMKE.protocols import CONDITIONS
-from MoMKE.model import ModelConfig
+from MoMKE.model import MODALITIES, ModelConfig, MoMKE, TokenLayout
 
 
 def test_flops_of_a_tiny_batch_by_hand():
@@ -19,8 +18,27 @@ def test_flops_of_a_tiny_batch_by_hand():
     heads = 3 * 2 * (2 * 4 * 1)
     assert model_flops(layout, config, 1) == projections + 3 * per_stream + heads
     routers = 3 * 2 * 2 * (16 + 4 * 3)
+    mixture = 3 * 2 * 2 * 3 * 4  # sum over three experts of weight x (D,) per token
     fusion = 2 * 2 * 12 * 12 + 2 * 2 * 12 * 1
-    assert model_flops(layout, config, 2) == projections + 9 * per_stream + routers + fusion
+    assert model_flops(layout, config, 2) == \
+        projections + 9 * per_stream + routers + mixture + fusion
+
+
+@pytest.mark.parametrize("experts", ["all", "self"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_hand_count_equals_torch_flop_counter(stage, experts):
+    """On a batch whose packed grid has no empty slot (every conversation fills its row), the
+    hand count of real-token work is what torch counts for the model's forward pass."""
+    torch.manual_seed(0)
+    config = ModelConfig(input_dims=(3, 4, 5), num_outputs=2, hidden=8, depth=2, num_heads=2,
+                         drop_rate=0.0, experts=experts)
+    model = MoMKE(config).eval()
+    features = {m: torch.randn(3, 4, d) for m, d in zip(MODALITIES, config.input_dims)}
+    available = torch.ones(3, 4, 3, dtype=torch.bool)
+    padding = torch.zeros(3, 4, dtype=torch.bool)
+    layout = TokenLayout.from_masks(available, padding)
+    assert counted_flops(model, features, available, padding, stage) == \
+        model_flops(layout, config, stage)
 
 
 def test_projection_counts_stage1_once_with_reuse():

@@ -1,15 +1,19 @@
-"""The optimised MoMKE forward equals the literal SPEC computation, and masks hide what they must."""
+"""The packed MoMKE forward equals SPEC §4 computed literally, and masks hide what they must.
+
+`_literal` below is the yardstick: the SPEC's computation on the padded (B, L) grid, one expert
+and one modality at a time, written from the model's parameters with explicit matmuls and softmax.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from dataloader.batch import TokenLayout
-from MoMKE.model import MODALITIES, ModelConfig, MoMKE
-from MoMKE.reference import reference_forward
+from MoMKE.model import MODALITIES, Attention, BitDropout, ModelConfig, MoMKE, PackedRows
 
 B, L = 5, 7
 DIMS = (5, 6, 7)
+VARIANTS = [{}, {"router": "uniform"}, {"experts": "self"}]
 
 
 def _inputs(seed: int, missing: float = 0.4):
@@ -29,129 +33,223 @@ def _model(**overrides) -> MoMKE:
     return MoMKE(ModelConfig(**{**config, **overrides}))
 
 
-def _packed_reference(reference, layout, stage):
+# ----------------------------------------------------------------------------- the literal SPEC
+
+def _linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return x @ layer.weight.T + layer.bias
+
+
+def _literal_layer(layer, x: torch.Tensor, keys: torch.Tensor, heads: int) -> torch.Tensor:
+    """One expert layer over padded x (B, L, D) whose valid keys are `keys` (B, L)."""
+    batch, length, hidden = x.shape
+    head_dim = hidden // heads
+    w, b = layer.attention.qkv.weight, layer.attention.qkv.bias
+    q, k, v = (x @ w[j * hidden:(j + 1) * hidden].T + b[j * hidden:(j + 1) * hidden]
+               for j in range(3))  # separate q, k, v projections
+    split = lambda t: t.view(batch, length, heads, head_dim).transpose(1, 2)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)  # (B, H, L, hd)
+    logits = (q @ k.transpose(-2, -1)) * head_dim ** -0.5
+    valid = keys[:, None, None, :]
+    attention = logits.masked_fill(~valid, torch.finfo(logits.dtype).min).softmax(dim=-1)
+    attention = attention * valid.any(dim=-1, keepdim=True)  # no valid key: zeros
+    z = (attention @ v).transpose(1, 2).reshape(batch, length, hidden)
+    return z + _linear(layer.fc2, F.gelu(_linear(layer.fc1, z)))
+
+
+def _literal_expert(model: MoMKE, e: str, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    for layer in model.experts[e].layers:
+        x = x + _literal_layer(layer, x, keys, model.config.num_heads)
+    return x
+
+
+def _literal(model: MoMKE, features, available, padding, stage: int) -> dict[str, torch.Tensor]:
+    """Padded (B, L, C) predictions: stage 1 {m}, stage 2 {"fused"} and {"router_<m>"}."""
+    observed = available & ~padding[..., None]  # (B, L, M)
+    h = {m: _linear(model.projections[m], features[m] * observed[..., i, None])
+         for i, m in enumerate(MODALITIES)}  # missing inputs are zeros
     if stage == 1:
-        return {m: reference[m].reshape(B * L, -1)[layout.observed[m]] for m in MODALITIES}
-    return reference["fused"].reshape(B * L, -1)[layout.valid]
+        return {m: _linear(model.unimodal_heads[m],
+                           _literal_expert(model, m, h[m], observed[..., i]))
+                for i, m in enumerate(MODALITIES)}
+    out, mixed = {}, []
+    for i, m in enumerate(MODALITIES):
+        if model.config.experts == "self":
+            z = _literal_expert(model, m, h[m], observed[..., i])
+            weights = F.one_hot(torch.tensor(i), 3).float().expand(B, L, 3)
+        else:
+            per_expert = torch.stack([_literal_expert(model, e, h[m], observed[..., i])
+                                      for e in MODALITIES], dim=2)  # (B, L, E, D)
+            router = model.routers[m]
+            weights = torch.full((B, L, 3), 1 / 3) if model.config.router == "uniform" else \
+                _linear(router.fc2, F.gelu(_linear(router.fc1, h[m]))).softmax(dim=-1)
+            z = (weights[..., None] * per_expert).sum(dim=2)
+        mixed.append(z * observed[..., i, None])  # zero where m is missing or padded
+        out[f"router_{m}"] = weights
+    z = torch.cat(mixed, dim=-1)  # (B, L, 3D)
+    out["fused"] = _linear(model.head, z + torch.relu(_linear(model.fusion.linear, z)))
+    return out
 
 
-@pytest.mark.parametrize("variant", [{}, {"router": "uniform"}, {"experts": "self"}])
+def _compare(output, literal, available, padding, stage, **tolerance) -> None:
+    """The packed outputs against the literal ones at the tokens they predict."""
+    observed = available & ~padding[..., None]
+    if stage == 1:
+        for i, m in enumerate(MODALITIES):
+            torch.testing.assert_close(output.unimodal[m], literal[m][observed[..., i]],
+                                       **tolerance)
+        return
+    torch.testing.assert_close(output.fused, literal["fused"][~padding], **tolerance)
+    for i, m in enumerate(MODALITIES):
+        torch.testing.assert_close(output.router_weights[m],
+                                   literal[f"router_{m}"][observed[..., i]], **tolerance)
+
+
+# ----------------------------------------------------------------------------- parity
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("stage", [1, 2])
-def test_packed_forward_equals_reference(stage, variant):
+def test_forward_equals_the_literal_computation(stage, variant):
     model = _model(**variant).eval()
     features, available, padding = _inputs(1)
-    layout = TokenLayout.from_masks(available, padding)
-    output = model(features, layout, stage)
-    expected = _packed_reference(reference_forward(model, features, available, padding, stage),
-                                 layout, stage)
-    if stage == 1:
-        for m in MODALITIES:
-            torch.testing.assert_close(output.unimodal[m], expected[m], atol=1e-5, rtol=1e-5)
-    else:
-        torch.testing.assert_close(output.fused, expected, atol=1e-5, rtol=1e-5)
+    output = model(features, available, padding, stage)
+    _compare(output, _literal(model, features, available, padding, stage), available, padding,
+             stage, atol=1e-5, rtol=1e-5)
 
 
-def test_stage1_experts_with_unequal_token_counts_equal_reference():
-    """Stage 1 stacks experts whose modalities have different token counts: the shorter ones get
-    filler tokens in spare grid rows (here more than one row of them), which must change nothing."""
+@pytest.mark.parametrize("stage", [1, 2])
+def test_modalities_with_very_unequal_token_counts_equal_the_literal_computation(stage):
     model = _model().eval()
     features, available, padding = _inputs(3)
     available[..., 2] = False
     available[0, 0, 2] = True  # visual observed once in the whole batch
-    layout = TokenLayout.from_masks(available, padding)
-    assert max(layout.count(m) for m in MODALITIES) - layout.count("v") > L
-    output = model(features, layout, 1)
-    expected = _packed_reference(reference_forward(model, features, available, padding, 1),
-                                 layout, 1)
-    for m in MODALITIES:
-        torch.testing.assert_close(output.unimodal[m], expected[m], atol=1e-5, rtol=1e-5)
+    output = model(features, available, padding, stage)
+    _compare(output, _literal(model, features, available, padding, stage), available, padding,
+             stage, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("stage", [1, 2])
-def test_packed_gradients_equal_reference(stage):
-    model = _model()  # training mode, no dropout: both paths are deterministic
+def test_gradients_equal_the_literal_computation(stage, variant):
+    model = _model(**variant)  # training mode, no dropout: both paths are deterministic
     features, available, padding = _inputs(2)
-    layout = TokenLayout.from_masks(available, padding)
-    output = model(features, layout, stage)
+    observed = available & ~padding[..., None]
+    output = model(features, available, padding, stage)
     packed = sum(o.square().sum() for o in output.unimodal.values()) if stage == 1 \
         else output.fused.square().sum()
     packed.backward()
     fast = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    reference = reference_forward(model, features, available, padding, stage)
-    literal = sum(reference[m].square().sum() for m in MODALITIES) if stage == 1 \
-        else reference["fused"].square().sum()
-    literal.backward()
+    literal = _literal(model, features, available, padding, stage)
+    loss = sum(literal[m][observed[..., i]].square().sum() for i, m in enumerate(MODALITIES)) \
+        if stage == 1 else literal["fused"][~padding].square().sum()
+    loss.backward()
     slow = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert fast.keys() == slow.keys()
     for name in fast:
         torch.testing.assert_close(fast[name], slow[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+# ----------------------------------------------------------------------------- masks
+
 def test_missing_and_padded_features_do_not_change_predictions():
     model = _model().eval()
     features, available, padding = _inputs(3)
-    layout = TokenLayout.from_masks(available, padding)
-    before = model(features, layout, 2).fused
+    before = model(features, available, padding, 2).fused
     changed = {m: x.clone() for m, x in features.items()}
     for i, m in enumerate(MODALITIES):
         hidden = ~available[..., i] | padding  # what the model must not see
         changed[m][hidden] = torch.randn(int(hidden.sum()), changed[m].shape[-1]) * 100
-    after = model(changed, layout, 2).fused
-    torch.testing.assert_close(before, after)
+    torch.testing.assert_close(before, model(changed, available, padding, 2).fused)
 
 
 def test_a_missing_modality_does_not_change_another_modalitys_expert_output():
     model = _model().eval()
     features, available, padding = _inputs(4, missing=0.0)
-    full = model(features, TokenLayout.from_masks(available, padding), 1).unimodal["t"]
+    full = model(features, available, padding, 1).unimodal["t"]
     without_audio = available.clone()
     without_audio[..., 0] = False
-    partial = model(features, TokenLayout.from_masks(without_audio, padding), 1).unimodal["t"]
-    torch.testing.assert_close(full, partial)
+    torch.testing.assert_close(full, model(features, without_audio, padding, 1).unimodal["t"])
+
+
+def test_attention_gives_zeros_to_queries_without_valid_keys():
+    attention = Attention(ModelConfig(input_dims=DIMS, num_outputs=1, hidden=8, num_heads=2))
+    x = torch.randn(8, 8, requires_grad=True)  # two rows of four tokens
+    attend = torch.ones(2, 4, 4, dtype=torch.bool)
+    attend[1, 2] = False  # query 2 of row 1 (token 6) may attend to no key
+    z = attention(x, PackedRows(torch.arange(8), attend))
+    assert torch.all(z[6] == 0) and torch.isfinite(z).all() and torch.all(z[5] != 0)
+    z.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+# ----------------------------------------------------------------------------- routers
+
+def _force_routers(model: MoMKE, expert: dict[str, int]) -> None:
+    with torch.no_grad():
+        for m, e in expert.items():
+            model.routers[m].fc2.weight.zero_()
+            model.routers[m].fc2.bias.copy_(torch.full((3,), -1e4).index_fill(0, torch.tensor(e),
+                                                                               1e4))
 
 
 def test_router_forced_to_own_expert_equals_self_only_experts():
     model = _model().eval()
     features, available, padding = _inputs(5)
-    layout = TokenLayout.from_masks(available, padding)
-    for e, m in enumerate(MODALITIES):
-        router = model.routers[m]
-        with torch.no_grad():
-            router.fc2.weight.zero_()
-            router.fc2.bias.copy_(torch.tensor([-1e4, -1e4, -1e4]).index_fill(0, torch.tensor(e),
-                                                                              1e4))
-    forced = model(features, layout, 2)
+    _force_routers(model, {m: e for e, m in enumerate(MODALITIES)})
+    forced = model(features, available, padding, 2)
     for e, m in enumerate(MODALITIES):
         assert torch.all(forced.router_weights[m][:, e] == 1.0)
     self_only = _model(experts="self").eval()
     self_only.load_state_dict(model.state_dict())
-    torch.testing.assert_close(forced.fused, self_only(features, layout, 2).fused)
+    torch.testing.assert_close(forced.fused, self_only(features, available, padding, 2).fused)
 
 
 def test_router_forced_to_another_expert_uses_that_experts_output():
     model = _model().eval()
     features, available, padding = _inputs(6)
-    layout = TokenLayout.from_masks(available, padding)
-    with torch.no_grad():
-        for m in MODALITIES:  # every modality routed to the visual expert
-            model.routers[m].fc2.weight.zero_()
-            model.routers[m].fc2.bias.copy_(torch.tensor([-1e4, -1e4, 1e4]))
-    got = model(features, layout, 2).fused
-    from MoMKE.reference import _expert  # the literal expert of SPEC §4.2
+    _force_routers(model, {m: 2 for m in MODALITIES})  # every modality to the visual expert
+    got = model(features, available, padding, 2).fused
     observed = available & ~padding[..., None]
     mixed = []
     for i, m in enumerate(MODALITIES):
-        h = model.projections[m](features[m] * observed[..., i, None])
-        mixed.append(_expert(model, 2, h, observed[..., i]) * observed[..., i, None])
-    fused = torch.cat(mixed, dim=-1)
-    want = model.head(fused + torch.relu(model.fusion(fused)))
-    torch.testing.assert_close(got, want.reshape(B * L, -1)[layout.valid], atol=1e-5, rtol=1e-5)
+        h = _linear(model.projections[m], features[m] * observed[..., i, None])
+        mixed.append(_literal_expert(model, "v", h, observed[..., i]) * observed[..., i, None])
+    z = torch.cat(mixed, dim=-1)
+    want = _linear(model.head, z + torch.relu(_linear(model.fusion.linear, z)))
+    torch.testing.assert_close(got, want[~padding], atol=1e-5, rtol=1e-5)
 
 
-def test_reference_zeroes_queries_without_valid_keys():
+# ----------------------------------------------------------------------------- parts
+
+def test_checkpoint_keys_read_like_the_modules():
+    keys = set(_model().state_dict())
+    assert {"projections.a.weight", "experts.a.layers.0.attention.qkv.weight",
+            "experts.v.layers.1.fc2.bias", "routers.t.fc2.weight", "fusion.linear.weight",
+            "unimodal_heads.a.weight", "head.bias"} <= keys
+    assert not any(k.startswith("experts.experts.") for k in keys)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_bit_dropout_keeps_one_minus_p_and_scales_like_nn_dropout(p):
+    torch.manual_seed(0)
+    drop = BitDropout(p)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 3e-3  # 1e6 draws: sd 5e-4
+    both = (kept[:, :-1] & kept[:, 1:]).float().mean().item()  # neighbours share a byte
+    assert abs(both - (1 - p) ** 2) < 3e-3
+    assert torch.all(y[kept] == 1 / (1 - p))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the same mask and scale for the gradient
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_features_read_through_a_function_of_positions_equal_padded_features():
+    """`Batch.packed_features` hands the model functions that read only the real tokens."""
     model = _model().eval()
-    features, available, padding = _inputs(7)
-    reference = reference_forward(model, features, available, padding, 1)
-    assert torch.all(reference["a"][3] == 0)  # conversation 3 has no audio at all
-    assert torch.isfinite(reference["a"]).all()
+    features, available, padding = _inputs(8)
+    rows = {m: (lambda index, x=x: x.reshape(-1, x.shape[-1])[index]) for m, x in features.items()}
+    torch.testing.assert_close(model(rows, available, padding, 2).fused,
+                               model(features, available, padding, 2).fused)
