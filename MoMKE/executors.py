@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset
-from MoMKE import train
+from MoMKE import trainer
 from MoMKE.config import ConfigError, TrainConfig
 from MoMKE.protocols import MissingSetting
 from MoMKE.runlog import setup_console_logging
@@ -124,7 +124,7 @@ def run_on_ray(runs: Sequence[RunSpec], *, address: str = "local", cpus_per_run:
 def train_stage1_task(config: TrainConfig, setting: MissingSetting, workdir: str) -> None:
     """Ray task: train (or find cached) stage 1 of every fold of `setting`'s group."""
     data, device = _task_setup(config, workdir)
-    train.train_stage1(config, data, setting, device)
+    trainer.train_stage1(config, data, setting, device)
 
 
 def train_run_task(config: TrainConfig, setting: MissingSetting, workdir: str,
@@ -133,7 +133,7 @@ def train_run_task(config: TrainConfig, setting: MissingSetting, workdir: str,
     resolves it to None before this starts: it is here so that this task waits for it), or None
     when the run trains its own stage 1."""
     data, device = _task_setup(config, workdir)
-    train.run(config, data, setting, device)
+    trainer.run(config, data, setting, device)
 
 
 def _task_setup(config: TrainConfig, workdir: str) -> tuple[MultimodalDataset, torch.device]:

@@ -37,12 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from MoMKE.config import TrainConfig, config_to_yaml
-from MoMKE.protocols import MissingSetting
+from MoMKE.config import ConfigError, TrainConfig, config_to_yaml
+from MoMKE.protocols import CONDITIONS, MissingSetting
 from MoMKE.runtime import code_version
-from MoMKE.selection import json_safe
+from MoMKE.selection import RULE_LABELS, json_safe
 
 log = logging.getLogger("MoMKE")
 
@@ -236,6 +237,52 @@ class RunFolder:
             log.removeHandler(self._handler)
             self._handler.close()
             self._handler = None
+
+
+def epoch_line(record: dict, metric: str, data_source: str) -> str:
+    """The console and run.log line of one epoch: its metric per split, seconds, memory."""
+    parts = [f"[{data_source}] fold {record['fold']} stage {record['stage']} "
+             f"epoch {record['epoch']:3d}"]
+    for split in ("train", "val", "test"):
+        scores = record.get(split)
+        if scores is None:
+            continue
+        if record["stage"] == 1:
+            values = " ".join(f"{m}:{scores[m][metric]:.3f}" for m in "atv" if m in scores)
+            parts.append(f"{split} {metric} {values} loss {scores['loss']:.3f}")
+        elif "loss" not in scores:  # unified model: one evaluation per condition and rate
+            mean = np.mean([scores[f"fixed-{c}"][metric] for c in CONDITIONS])
+            parts.append(f"{split} {metric} {mean:.4f} (mean of the 7 conditions)")
+        else:
+            parts.append(f"{split} {metric} {scores[metric]:.4f} loss {scores['loss']:.3f}")
+    suffix = " (stage 1 reused)" if record.get("reused_stage1") else \
+        f" {record['seconds']:.2f}s {record['peak_memory_mb']:.0f}MB"
+    return " | ".join(parts) + suffix
+
+
+def log_result(result: dict, metrics: tuple[str, ...], data_source: str) -> None:
+    """The final lines of a run: its test metrics under each selection rule."""
+    scope = "mean over folds, " if len(result["folds"]) > 1 else ""
+    if "test_scope" in result:
+        scope += result["test_scope"] + ", "
+    log.info("result %s %s seed %d [%s data, test split, %svalues as fractions]:",
+             result["dataset"], result["setting"], result["seed"], data_source, scope)
+    for rule, label in RULE_LABELS.items():
+        scores = result["test"][rule]
+        text = "n/a (no validation split)" if scores is None else "  ".join(
+            f"{k} {scores[k]:.4f}" for k in metrics)
+        log.info("  %-38s %s", label, text)
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse before any training when results could not be written below `output_dir`."""
+    target = Path(output_dir)
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {target} is not a writable folder (checked {probe}); "
+                          f"choose a folder you can write to.")
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:

@@ -27,13 +27,13 @@ from dataloader.datasets import get_spec
 from dataloader.datasets import DataError
 from dataloader.gcnet import data_fingerprint, feature_names_from, load_dataset
 from dataloader.synthetic import generate
-from MoMKE import report, stage1_cache, train
+from MoMKE import report, stage1_cache, trainer
 from MoMKE.config import ABLATIONS
 from MoMKE.config import ConfigError, TrainConfig, check_seed, parse_config
 from MoMKE.executors import SweepSummary, import_ray, run_on_ray
 from MoMKE.protocols import MissingSetting, settings_from
-from MoMKE.runlog import (RunFolder, RunLocked, read_result, run_folder, run_identity,
-                          setup_console_logging)
+from MoMKE.runlog import (RunFolder, RunLocked, check_output_dir, read_result, run_folder,
+                          run_identity, setup_console_logging)
 from MoMKE.runtime import resolve_device
 from MoMKE.trainer import Diverged
 
@@ -112,7 +112,7 @@ def run_locally(runs: Sequence[RunSpec]) -> SweepSummary:
     for number, run in enumerate(pending, start=1):
         log.info("[%d/%d] %s", number, len(pending), run.label)
         try:
-            train.run(run.config, data, run.setting, device)
+            trainer.run(run.config, data, run.setting, device)
             summary.trained.append(run)
         except (Diverged, RunLocked) as error:  # said in one sentence; the sweep goes on
             log.error("%s failed: %s", run.label, error)
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(train_args)
         seeds = _seeds(args.seeds, config.seed)
-        train.check_output_dir(config.output_dir)
+        check_output_dir(config.output_dir)
         if args.launcher == "ray":
             import_ray()  # say how to install it before anything else happens
         config = resolve_data_root(config, args.synthetic_fallback)

@@ -25,7 +25,7 @@ from MoMKE import sweep
 from MoMKE.executors import run_on_ray
 from MoMKE.report import write_report
 from MoMKE.runlog import read_result
-from MoMKE.train import torch_threads
+from MoMKE.trainer import torch_threads
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
