@@ -485,21 +485,26 @@ def _unified_section(dataset: str, results: list[dict], unified: list[dict],
             for source in (own, row):
                 line += [_fmt(cell(source, rule, m), m) if source else "n/a"
                          for rule in ("best_test", "last")]
-            mine, theirs = cell(row, "last", m), cell(own, "last", m) if own else None
-            if mine is None or theirs is None:
-                line.append("n/a")
-            elif intervals is None:
-                line.append(f"{mine[0] - theirs[0]:+.2f}")
-            else:
-                line.append(intervals.difference(
-                    mine[0] - theirs[0], intervals.row(row, "last", m, unified_rows),
-                    intervals.row(own, "last", m, own_rows), m))
+            line.append(_difference(row, unified_rows, own, own_rows, "last", m, intervals))
         lines.append(line)
     cost = _costs(results, unified)
     return ["", "Per-condition: one MoMKE model per condition or rate (stage 1 shared). Unified: "
                 "one model, stage 2 trained with a condition drawn per conversation, evaluated "
                 "on every row with the per-condition runs' evaluation masks; each row picks its "
                 "own best-on-test epoch.", ""] + _table(header, lines) + ["", cost]
+
+
+def _difference(a: Row, a_base: list[Row], b: Row | None, b_base: list[Row], rule: str,
+                metric: str, intervals: Intervals | None) -> str:
+    """The cell of A − B at `rule`: the difference of the two cells, with its paired interval
+    when `intervals` is given."""
+    ours, theirs = cell(a, rule, metric), cell(b, rule, metric) if b else None
+    if ours is None or theirs is None:
+        return "n/a"
+    if intervals is None:
+        return f"{ours[0] - theirs[0]:+.2f}"
+    return intervals.difference(ours[0] - theirs[0], intervals.row(a, rule, metric, a_base),
+                                intervals.row(b, rule, metric, b_base), metric)
 
 
 def _costs(results: list[dict], unified: list[dict]) -> str:
@@ -552,16 +557,8 @@ def _ablation_section(dataset: str, results: list[dict],
         if name == "MoMKE":
             continue
         line = [f"MoMKE − {name}"]
-        for m in metrics:
-            ours, theirs = cell(reference, honest, m), cell(average, honest, m)
-            if ours is None or theirs is None:
-                line.append("n/a")
-            elif intervals is None:
-                line.append(f"{ours[0] - theirs[0]:+.2f}")
-            else:
-                line.append(intervals.difference(
-                    ours[0] - theirs[0], intervals.row(reference, honest, m, reference_base),
-                    intervals.row(average, honest, m, base), m))
+        line += [_difference(reference, reference_base, average, base, honest, m, intervals)
+                 for m in metrics]
         diff_lines.append(line)
     return out + ["", f"Paired differences at the {RULE_LABELS[honest]} (MoMKE minus each "
                       f"variant; for MAE a negative difference favours MoMKE)"
@@ -777,6 +774,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resamples", type=int, default=1000,
                         help="bootstrap resamples with --ci (default: 1000)")
     args = parser.parse_args(argv)
+    if args.resamples < 1:
+        print(f"error: --resamples {args.resamples} must be at least 1, e.g. 1000.",
+              file=sys.stderr)
+        return 2
     missing = [p for p in args.paths if not p.exists()]
     if missing:
         print(f"error: {missing[0]} does not exist; pass the output folder of your runs.",
