@@ -689,20 +689,23 @@ def with_nonzero_mae_corr(result: dict) -> dict:
     return {**result, "test": {rule: swap(scores) for rule, scores in result["test"].items()}}
 
 
-def csv_text(key: Key, results: list[dict], mae_corr: str = "all") -> str:
-    """Long format: one line per (variant, row, rule, metric)."""
+def csv_text(key: Key, results: list[dict], mae_corr: str = "all",
+             intervals: Intervals | None = None) -> str:
+    """Long format: one line per (variant, row, rule, metric); with `intervals`, the bounds of
+    each cell's 95 % bootstrap interval (empty where no predictions were kept)."""
     dataset, source, base = key
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["dataset", "data_source", "experiment", "variant", "protocol", "row", "rule",
                      "metric", "unit", "mean", "std", "n", "published", "published_source",
-                     "difference"])
+                     "difference", "ci_low", "ci_high"])
     by_variant: dict[str, list[dict]] = {}
     for result in results:
         by_variant.setdefault(variant(result), []).append(result)
     for name, members in sorted(by_variant.items()):
         runs = unified_as_runs(members) if name.startswith("unified") else members
-        for row in table_rows(runs):
+        rows = table_rows(runs)
+        for row in rows:
             for rule in RULES:
                 for metric in get_spec(dataset).metrics:
                     value = cell(row, rule, metric)
@@ -711,11 +714,15 @@ def csv_text(key: Key, results: list[dict], mae_corr: str = "all") -> str:
                     ref = published_value(dataset, row, metric) if rule == "best_test" else None
                     shown = MAE_CORR_NONZERO.get(metric, metric) if mae_corr == "nonzero" \
                         else metric
+                    replicates = intervals.row(row, rule, metric, rows) if intervals else None
+                    bounds = intervals.saved.interval([replicates]) if replicates is not None \
+                        else None
                     writer.writerow([
                         dataset, source, base, name, row.protocol, row.label, rule, shown,
                         "percent" if metric in PERCENT_METRICS else "raw", f"{value[0]:.4f}",
                         f"{value[1]:.4f}", value[2], f"{ref.value:.2f}" if ref else "",
-                        ref.source if ref else "", f"{value[0] - ref.value:.2f}" if ref else ""])
+                        ref.source if ref else "", f"{value[0] - ref.value:.2f}" if ref else "",
+                        *((f"{b:.4f}" for b in bounds) if bounds else ("", ""))])
     return out.getvalue()
 
 
@@ -739,7 +746,8 @@ def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_co
                 members = [with_nonzero_mae_corr(r) for r in members]
             rows = table_rows([r for r in members if variant(r) == "MoMKE"])
             intervals = Intervals(key[0], mode, resamples) if ci else None
-            tables = markdown(key, members, rows, mode, intervals), csv_text(key, members, mode)
+            tables = (markdown(key, members, rows, mode, intervals),
+                      csv_text(key, members, mode, intervals))
         except Exception as error:  # noqa: BLE001 - one odd group must not cost the others
             found.skipped += [(r["folder"], f"its group {prefix} could not be tabulated "
                                             f"({type(error).__name__}: {error})") for r in members]

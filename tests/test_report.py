@@ -100,3 +100,8 @@ def test_intervals_are_the_conversation_bootstrap_of_the_kept_predictions(tiny_r
     line = next(line for line in text.splitlines() if line.startswith("| MoMKE − uniform-router"))
     assert line.count("[") == 5
     assert "## Selection optimism" in text
+    rows = list(csv.DictReader((tmp_path / "out" / "CMUMOSI.csv").open()))
+    cell = next(r for r in rows if r["variant"] == "MoMKE" and r["row"] == "atv"
+                and r["rule"] == "best_val" and r["metric"] == "acc2")
+    assert (float(cell["ci_low"]), float(cell["ci_high"])) == pytest.approx(
+        (100 * acc2.low, 100 * acc2.high), abs=1e-3)
