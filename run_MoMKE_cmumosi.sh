@@ -1,7 +1,7 @@
 #!/bin/sh
 # MoMKE on CMU-MOSI (sentiment regression; Acc2, F1, MAE, Corr, Acc7) at the paper's settings:
 # the fixed-condition table (a, t, v, at, av, tv, atv) and the random missing-rate sweep 0.0-0.7.
-# Time at the paper's epochs: about 50-60 min on a 2-core laptop CPU (stage 1 trained once per seed and
+# Time at the paper's epochs: about 40 min on a 2-core laptop CPU (stage 1 trained once per seed and
 # protocol), projected by `python -m MoMKE.bench` from measured epochs; no GPU was measured.
 # Results: saved/CMUMOSI/<setting>_seed<seed>_<hash>/ (README, "What a run prints and writes");
 # the tables, with 95 % bootstrap intervals, in saved/CMUMOSI/report/, printed at the end.

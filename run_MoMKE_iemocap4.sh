@@ -1,7 +1,7 @@
 #!/bin/sh
 # MoMKE on IEMOCAP, 4 classes (emotion; WA, UA, F1, five session folds) at the paper's settings:
 # the fixed-condition table (a, t, v, at, av, tv, atv) and the random missing-rate sweep 0.0-0.7.
-# Time at the paper's epochs: about 10-15 h on a 2-core laptop CPU (stage 1 trained once per seed and
+# Time at the paper's epochs: about 8 h on a 2-core laptop CPU (stage 1 trained once per seed and
 # protocol), projected by `python -m MoMKE.bench` from measured epochs; no GPU was measured.
 # Results: saved/IEMOCAPFour/<setting>_seed<seed>_<hash>/ (README, "What a run prints and writes");
 # the tables, with 95 % bootstrap intervals, in saved/IEMOCAPFour/report/, printed at the end.

@@ -28,8 +28,7 @@ VIEW = "run"  # the name of a run's own evaluation among its predictions (unifie
 
 def in_pool(record: dict, pool: str) -> bool:
     """Whether the epoch of `record` is a candidate of the selection rules under `pool`."""
-    return record["stage"] == 2 or (pool == "all" and record["val" if record["val"] else
-                                                          "test"].get("fused") is not None)
+    return record["stage"] == 2 or (pool == "all" and "fused" in record["test"])
 
 
 def select_epochs(records: list[dict], metric: str, view: str | None = None,

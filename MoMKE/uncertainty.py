@@ -83,20 +83,11 @@ def conversation_weights(conversation: np.ndarray, *, resamples: int = 1000,
 
 def point_metrics(predictions: np.ndarray, labels: np.ndarray, *,
                   regression: bool) -> dict[str, float]:
-    """The metrics of MoMKE/metrics.py on the original data, with mae_nonzero and corr_nonzero added
-    for regression. `predictions` are scores (regression) or class indices."""
-    if not regression:
-        return classification_metrics(predictions, labels)
-    predictions = np.asarray(predictions, dtype=np.float64).reshape(-1)
-    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
-    metrics = regression_metrics(predictions, labels)
-    non_zero = labels != 0
-    if non_zero.any():
-        on_non_zero = regression_metrics(predictions[non_zero], labels[non_zero])
-        metrics.update(mae_nonzero=on_non_zero["mae"], corr_nonzero=on_non_zero["corr"])
-    else:
-        metrics.update(mae_nonzero=math.nan, corr_nonzero=math.nan)
-    return metrics
+    """The metrics of MoMKE/metrics.py on the original data (regression: mae_nonzero and
+    corr_nonzero included). `predictions` are scores (regression) or class indices."""
+    if regression:
+        return regression_metrics(predictions, labels)
+    return classification_metrics(predictions, labels)
 
 
 def weighted_regression_metrics(predictions: np.ndarray, labels: np.ndarray, weights: np.ndarray,
