@@ -27,6 +27,11 @@ PAPER_SCHEDULE = {"CMUMOSI": (32, 300, 150), "CMUMOSEI": (32, 100, 50),
                   "IEMOCAPFour": (16, 200, 100), "IEMOCAPSix": (16, 200, 100)}
 
 
+# Default --chunk-utterances: float32 runs fastest with small chunks on the CPU, bfloat16 matrix
+# products with whole batches (measured: MoMKE.bench, README "Precision and speed").
+CHUNK_UTTERANCES, AMP_CHUNK_UTTERANCES = 256, 1024
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the flag or key."""
 
@@ -60,10 +65,11 @@ class TrainConfig:
                                      "IEMOCAP 16)")
     lr: float = _option("Adam learning rate, both stages", default=1e-4)
     l2: float = _option("Adam weight decay, both stages", default=1e-5)
-    chunk_utterances: int = _option(
+    chunk_utterances: int | None = _option(
         "largest number of utterances run through the model at once: a batch with more is "
         "split into chunks of whole conversations whose gradients add up to the batch's (the "
-        "same update, less memory)", default=256)
+        "same update, less memory; default: 256, or 1024 with --amp, whose bfloat16 matrix "
+        "products need larger blocks to run at speed and whose activations take half the memory)")
     expert_handover: str = _option(
         "stage-1 weights stage 2 starts from: best (each modality's best stage-1 epoch, the "
         "paper's intent) or last (what the released code effectively does)",
@@ -106,8 +112,16 @@ class TrainConfig:
                            "default, the machine's cores. Float rounding on the CPU can depend on "
                            "it: compare runs at equal --threads (Ray runs default to "
                            "--cpus-per-run)", default=0)
-    amp: bool = _option("CUDA only: bfloat16 autocast (off by default; checked against fp32 in "
-                        "tests)", default=False)
+    amp: bool = _option(
+        "bfloat16 autocast of the forward pass, on CUDA and on CPUs with bfloat16 arithmetic in "
+        "hardware (AVX-512 BF16, AMX, ARM BF16): weights, optimiser state, softmaxes, losses and "
+        "metrics stay float32. Elsewhere it is said once and the run is float32 (and recorded so). "
+        "Parity with float32 and the speed-up: README, 'Precision and speed'", default=False)
+    compile: bool = _option(
+        "torch.compile the expert stack (dynamic shapes: one compilation serves every batch size). "
+        "Measured on a 2-core CPU it saves nothing per epoch and costs 20-50 s of compilation per "
+        "process (`python -m MoMKE.bench --modes`); inside it dropout uses the compiler's random "
+        "stream, not --bit-dropout's", default=False)
     output_dir: str = _option("where run folders are written", default="saved")
     save_checkpoint: bool = _option("write the selected checkpoint of every fold", default=True)
     reuse_stage1: bool = _option("reuse a stage 1 trained with identical settings (cached under "
@@ -145,6 +159,8 @@ class TrainConfig:
         out = dataclasses.replace(self, test_condition=conditions, missing_rate=rates,
                                   epochs=epochs, stage_epochs=stage,
                                   batch_size=batch if self.batch_size is None else self.batch_size,
+                                  chunk_utterances=self.chunk_utterances if self.chunk_utterances is not None else (
+                                      AMP_CHUNK_UTTERANCES if self.amp else CHUNK_UTTERANCES),
                                   **official)
         out._check()
         return out

@@ -176,13 +176,14 @@ class BitDropout(nn.Dropout):
     """`nn.Dropout` whose CPU keep-mask comes from random bits: at p = 0.5 one random byte gives
     eight fair coins, otherwise a uniform draw is compared with p. Each element is kept with
     probability 1 - p and scaled by 1 / (1 - p), as in `nn.Dropout`; only the random stream
-    differs. On the CPU `F.dropout` draws through a path several times slower; elsewhere it is
-    used as it is."""
+    differs. On the CPU `F.dropout` draws through a path several times slower; elsewhere, and
+    inside `torch.compile` (which fuses its own dropout), it is used as it is."""
 
     _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+        if (not self.training or self.p == 0.0 or x.device.type != "cpu"
+                or torch.compiler.is_compiling()):
             return super().forward(x)
         if self.p == 0.5:
             coins = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8).random_()
@@ -201,8 +202,10 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.num_heads, self.attn_drop_rate = config.num_heads, config.attn_drop_rate
+        self.num_heads = config.num_heads
+        self.scale = (config.hidden // config.num_heads) ** -0.5
         self.qkv = nn.Linear(config.hidden, 3 * config.hidden)  # [q, k, v] = x W_qkv + b
+        self.attn_drop = nn.Dropout(config.attn_drop_rate)
 
     def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
         """x (N, D) tokens -> z (N, D). Each token attends to the keys its row's mask allows
@@ -211,12 +214,12 @@ class Attention(nn.Module):
         R, S, _ = attend.shape
         qkv = rows.pack(self.qkv(x)).view(R, S, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (R, H, S, D/H) each
-        # A finite fill keeps rows without a valid key finite; they are zeroed below.
-        bias = torch.zeros(attend.shape, dtype=x.dtype, device=x.device).masked_fill_(
-            ~attend, torch.finfo(x.dtype).min)[:, None]  # (R, 1, S, S)
-        z = F.scaled_dot_product_attention(  # softmax(q k^T / sqrt(D/H) + bias) v
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop_rate if self.training else 0.0)
-        z = z.transpose(1, 2).reshape(R, S, D)  # heads concatenated
+        scores = (q @ k.transpose(-2, -1)).float() * self.scale  # (R, H, S, S)
+        # The softmax runs in float32 under bf16 autocast too. A finite fill keeps rows without
+        # a valid key finite; they are zeroed below.
+        scores = scores.masked_fill(~attend[:, None], torch.finfo(torch.float32).min)
+        weights = self.attn_drop(scores.softmax(dim=-1)).to(v.dtype)
+        z = (weights @ v).transpose(1, 2).reshape(R, S, D)  # heads concatenated
         return rows.unpack(z * attend.any(dim=-1, keepdim=True))
 
 
@@ -252,7 +255,8 @@ class Expert(nn.Module):
 
 
 class SoftRouter(nn.Module):
-    """Per-token weights over the experts: w = softmax(Dropout(fc2(Dropout(GELU(fc1(h))))))."""
+    """Per-token weights over the experts: w = softmax(Dropout(fc2(Dropout(GELU(fc1(h)))))),
+    the softmax in float32 under bfloat16 autocast too."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -262,7 +266,7 @@ class SoftRouter(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """h (N_m, D) -> router_weights (N_m, E), rows summing to 1."""
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(h))))).softmax(dim=-1)
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(h))))).float().softmax(dim=-1)
 
 
 class Fusion(nn.Module):

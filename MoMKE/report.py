@@ -616,6 +616,10 @@ def header_lines(key: Key, results: list[dict], mae_corr: str = "all") -> list[s
                  f"{config.get('expert_handover', 'best')} (--expert-handover; best: each "
                  f"modality's best stage-1 epoch, last: the released code's)"
                  + ("; trained with --official." if config.get("official") else "."))
+    lines.append("Arithmetic: " + ("bfloat16 autocast (--amp)" if config.get("amp") else "float32")
+                 + (", expert stack compiled (--compile)" if config.get("compile") else "")
+                 + f"; batches run in chunks of at most {config.get('chunk_utterances')} "
+                 f"utterances.")
     if "mae" in get_spec(dataset).metrics:
         lines.append("MAE and Corr: " + ("on non-zero labels only (the official code's "
                                          "definition; --mae-corr nonzero)." if mae_corr ==

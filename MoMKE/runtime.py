@@ -1,7 +1,9 @@
-"""Where a run executes: device choice, optional CUDA autocast, and peak memory.
+"""Where a run executes: device choice, bfloat16 autocast, and peak memory.
 
-The CPU path is the reference; CUDA runs the same code. `--amp` (off by default) wraps the forward
-pass in bfloat16 autocast on CUDA only; losses and metrics stay in float32.
+The CPU path is the reference; CUDA runs the same code. `--amp` wraps the forward pass in bfloat16
+autocast on either device: matrix products run in bfloat16, while weights, optimiser state,
+softmaxes, losses and metrics stay in float32. A CPU without bfloat16 arithmetic in hardware would
+emulate it, slower than float32, so there `--amp` says so once and runs float32.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import hashlib
+import logging
+import platform
 import resource
 import subprocess
 import sys
@@ -38,9 +42,41 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    """bfloat16 autocast on `device` when `enabled` (and, on the CPU, supported), else nothing."""
+    if enabled and amp_active(device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def amp_active(device: torch.device) -> bool:
+    """Whether `--amp` takes effect on `device`: always on CUDA, on the CPU where bfloat16 runs in
+    hardware (`cpu_has_bf16`)."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU does bfloat16 arithmetic in hardware (x86: AVX-512 BF16 or AMX; ARM:
+    the BF16 extension). Said once, in the log, when it does not."""
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without these probes: assume the worst
+        native = False
+    if not native and platform.machine().lower() in ("aarch64", "arm64"):
+        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not native:
+        logging.getLogger("MoMKE").warning(
+            "--amp: this CPU has no bfloat16 arithmetic in hardware (AVX-512 BF16, AMX or ARM "
+            "BF16), where bfloat16 would be slower than float32; running float32.")
+    return native
+
+
+def compile_experts(model: torch.nn.Module) -> None:
+    """`torch.compile` each expert of `model` in place (parameter names unchanged), with dynamic
+    shapes: the numbers of tokens and packed rows change from batch to batch, and one
+    compilation per grad mode serves them all instead of one per shape."""
+    for expert in model.experts.values():
+        expert.compile(dynamic=True)
 
 
 def peak_memory(device: torch.device) -> dict[str, float | str]:

@@ -29,7 +29,7 @@ log = logging.getLogger("MoMKE")
 _STAGE1_FIELDS = ("dataset", "audio_feature", "text_feature", "video_feature", "stage_epochs",
                   "batch_size", "chunk_utterances", "lr", "l2", "expert_handover", "hidden",
                   "depth", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate", "bit_dropout",
-                  "seed", "amp", "select_from")
+                  "seed", "amp", "compile", "select_from")
 SNAPSHOT_KEYS = frozenset({"model", "optimizer", "rng_torch", "rng_data", "rng_cuda", "records",
                            "handover"})
 

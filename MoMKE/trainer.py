@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -34,7 +35,8 @@ from MoMKE.model import MODALITIES, ModelConfig, MoMKE
 from MoMKE.protocols import CONDITIONS, MissingSetting
 from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, RunLock, epoch_line, experiment_hash,
                           identity_hash, log_result, read_result, run_folder, run_identity)
-from MoMKE.runtime import HeapTrimmer, autocast, code_version, peak_memory, source_version
+from MoMKE.runtime import (HeapTrimmer, amp_active, autocast, code_version, compile_experts,
+                           peak_memory, source_version)
 from MoMKE.selection import (RULE_LABELS, VIEW, SelectedPredictions, fold_summary, in_pool,
                              mean_over_folds, mean_router, scores_of)
 
@@ -54,6 +56,7 @@ def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
     `--force`); otherwise the run trains into a fresh attempt folder that replaces the run folder
     only once its result is written. Raises Diverged (no result written; an earlier result stays)
     and RunLocked (another process trains this run)."""
+    config = as_run_on(config, device)
     identity = run_identity(config, setting, data.fingerprint)
     folder = RunFolder(run_folder(config, setting, data.fingerprint), data.data_source)
     with RunLock(folder.path):
@@ -85,10 +88,18 @@ def train_stage1(config: TrainConfig, data: MultimodalDataset, setting: MissingS
                  device: torch.device) -> None:
     """Train (or find cached) the stage 1 of every fold of `setting` without running stage 2:
     what a distributed sweep runs once before the runs that reuse it."""
+    config = as_run_on(config, device)
     with torch_threads(config.threads):
         for fold in [k - 1 for k in config.folds] if config.folds else range(len(data.folds)):
             FoldTrainer(config, data, fold, setting, device, BatchBuilder(data, device)).stage1(
                 lambda record: None)
+
+
+def as_run_on(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """`config` as it runs on `device`: without --amp where the device has no bfloat16 arithmetic
+    (said once in the log), so that a run's identity and result record float32."""
+    return dataclasses.replace(config, amp=False) if config.amp and not amp_active(device) \
+        else config
 
 
 @contextlib.contextmanager
@@ -247,6 +258,8 @@ class FoldTrainer:
         torch.manual_seed(fold_seed)  # initialisation and dropout
         self.generator = torch.Generator().manual_seed(fold_seed + 1)  # data order, train masks
         self.model = MoMKE(model_config_for(config, data)).to(device)
+        if config.compile:
+            compile_experts(self.model)
         # One Adam for both stages, as in the reference code; the fused kernel is the same update
         # in one pass over the parameters instead of a dozen small operations per tensor.
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr,

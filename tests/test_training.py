@@ -80,4 +80,10 @@ def test_chunked_batches_give_the_batch_update(tiny_root, tmp_path, stage, setti
     (whole, whole_loss), (chunked, chunked_loss) = states
     assert chunked_loss == pytest.approx(whole_loss, rel=1e-5)
     for name, value in whole.items():
+        if name.endswith("attention.qkv.bias"):
+            # The key bias adds q . b_k to all scores of a query alike, so its gradient is zero
+            # but for rounding, which Adam scales up to steps of size lr: left out.
+            D = value.shape[0] // 3
+            value, chunked[name] = value[[*range(D), *range(2 * D, 3 * D)]], \
+                chunked[name][[*range(D), *range(2 * D, 3 * D)]]
         torch.testing.assert_close(chunked[name], value, atol=2e-6, rtol=1e-5, msg=name)
