@@ -8,6 +8,7 @@
 # Without features/CMUMOSEI/ the synthetic default is generated into features/synthetic/ and used:
 # its numbers are SYNTHETIC and are labelled so.
 # Usage: sh run_MoMKE_cmumosei.sh [MoMKE.sweep and MoMKE.train flags, which win], e.g.
+#   PRECISION=fp32 sh run_MoMKE_cmumosei.sh          # float32 throughout
 #   EPOCHS=20 STAGE_EPOCHS=10 SEEDS="66 67 68" sh run_MoMKE_cmumosei.sh
 #   sh run_MoMKE_cmumosei.sh --test-condition a,atv --missing-rate ""   # fewer runs
 #   sh run_MoMKE_cmumosei.sh --official            # the official code's choices (README, Differences)
@@ -28,6 +29,24 @@ NUM_HEADS=${NUM_HEADS:-2}
 DROP_RATE=${DROP_RATE:-0.5}
 ATTN_DROP_RATE=${ATTN_DROP_RATE:-0.0}
 
+# Arithmetic (README, "Precision and speed"). bf16: bfloat16 autocast (--amp), recommended on CUDA
+# and on CPUs with bfloat16 in hardware (AVX-512 BF16, AMX, ARM BF16), at parity with float32 on
+# the evidence there; on other CPUs the run says so and runs, and is recorded as, float32.
+# fp32: float32 throughout. COMPILE=yes adds torch.compile of the expert stack (measured: no
+# faster on a 2-core CPU, 20-50 s of compilation).
+PRECISION=${PRECISION:-bf16}
+COMPILE=${COMPILE:-no}
+case "$PRECISION" in
+    bf16) AMP=--amp ;;
+    fp32) AMP=--no-amp ;;
+    *) echo "PRECISION=$PRECISION: use bf16 or fp32." >&2; exit 2 ;;
+esac
+case "$COMPILE" in
+    yes) COMPILE_FLAG=--compile ;;
+    no) COMPILE_FLAG=--no-compile ;;
+    *) echo "COMPILE=$COMPILE: use yes or no." >&2; exit 2 ;;
+esac
+
 python -m MoMKE.sweep \
     --dataset CMUMOSEI \
     --synthetic-fallback \
@@ -46,4 +65,6 @@ python -m MoMKE.sweep \
     --num-heads "$NUM_HEADS" \
     --drop-rate "$DROP_RATE" \
     --attn-drop-rate "$ATTN_DROP_RATE" \
+    "$AMP" \
+    "$COMPILE_FLAG" \
     "$@"

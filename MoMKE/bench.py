@@ -2,6 +2,11 @@
 
     python -m MoMKE.bench                      # CPU, CMU-MOSI, IEMOCAP-4 (one fold), CMU-MOSEI
     python -m MoMKE.bench --device cuda --datasets CMUMOSI
+    python -m MoMKE.bench --modes fp32,amp     # which arithmetic (default: all four)
+
+Each mode is one way of running the same model: fp32; amp (bfloat16 autocast, `--amp`); compile
+(the expert stack under torch.compile, `--compile`); amp+compile. Each dataset and mode runs in its
+own subprocess, so its peak memory and compilation are its own.
 
 Measured on the synthetic datasets at the real sizes (generated into --data-root when absent) with
 the paper's hyperparameters. Each dataset runs in its own subprocess, so its peak memory is its
@@ -10,9 +15,10 @@ two missing rates), utterances per second, achieved model GFLOP/s against this m
 matmul throughput measured in the same run at the model's shapes, the share of compute the padded
 official computation spends on padding (and the share left here), peak memory, and the projected
 wall time of each run script at the paper's epochs, with and without stage-1 reuse, and the floor:
-the same figures with every model FLOP run at the measured matmul throughput. The official
-implementation's figures come from the speed issue (measured on this machine kind by its author);
-they are quoted, not measured here.
+the same figures with every model FLOP run at the measured matmul throughput, fp32 and bfloat16
+(the two floors). A mode's first epoch includes its compilation: reported as compile seconds and
+added to the projected wall times. The official implementation's figures come from the speed
+issues (measured on this machine kind by their authors); they are quoted, not measured here.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from dataloader.batch import BatchBuilder
 from dataloader.datasets import get_spec
@@ -38,13 +44,16 @@ from MoMKE.config import PAPER_SCHEDULE, TrainConfig
 from MoMKE.protocols import CONDITIONS, RATES
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE, TokenLayout
 from MoMKE.protocols import MissingSetting
-from MoMKE.runtime import peak_memory, resolve_device
+from MoMKE.runtime import amp_active, peak_memory, resolve_device
 from MoMKE.trainer import FoldTrainer
 
-# The official implementation on this machine kind (2 cores, no GPU), from the speed issue:
-# seconds per epoch (stage 1, stage 2) and hours for the seven-condition table at paper epochs.
-OFFICIAL = {"CMUMOSI": {"stage1": 1.2, "stage2": 3.2, "table_hours": 1.3},
+# The official implementation on this machine kind (2 cores, no GPU), from the speed issues:
+# seconds per epoch (stage 1, stage 2 atv) and hours for the seven-condition table at paper
+# epochs. CMU-MOSI epochs: the bf16 issue's measurement, back to back with this project's.
+OFFICIAL = {"CMUMOSI": {"stage1": 1.44, "stage2": 3.6, "table_hours": 1.3},
             "IEMOCAPFour": {"stage1": 3.3, "stage2": 8.6, "table_hours": 11.5}}
+MODES = {"fp32": {}, "amp": {"amp": True}, "compile": {"compile": True},
+         "amp+compile": {"amp": True, "compile": True}}
 BENCH_RATES = (0.3, 0.7)  # measured; other rates interpolate linearly (0.0 is condition atv)
 
 
@@ -74,28 +83,24 @@ def model_flops(layout: TokenLayout, model: ModelConfig, stage: int) -> float:
     return flops
 
 
-def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
 def counted_flops(model: MoMKE, features: dict[str, torch.Tensor], available: torch.Tensor,
                   padding: torch.Tensor, stage: int) -> int:
-    """Forward FLOPs of one model call as torch counts them (`FlopCounterMode`), the CPU
-    attention kernel included (torch's table lacks it): the check on `model_flops`."""
-    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-                     _cpu_attention_flops}
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+    """Forward FLOPs of one model call as torch counts them (`FlopCounterMode`): the check on
+    `model_flops`."""
+    with FlopCounterMode(display=False) as counter:
         model(features, available, padding, stage)
     return counter.get_total_flops()
 
 
 # ----------------------------------------------------------------------------- measurements
 
-def matmul_throughput(device: torch.device, hidden: int, tokens: int) -> float:
-    """fp32 GFLOP/s of the model's main matmul shape, forward and backward: (3, T, D) x (3, D, 3D)."""
-    x = torch.randn(3, tokens, hidden, device=device, requires_grad=True)
-    w = torch.randn(3, hidden, 3 * hidden, device=device, requires_grad=True)
-    grad = torch.randn(3, tokens, 3 * hidden, device=device)
+def matmul_throughput(device: torch.device, hidden: int, tokens: int,
+                      dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of the model's main matmul shape in `dtype`, forward and backward:
+    (3, T, D) x (3, D, 3D)."""
+    x = torch.randn(3, tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(3, hidden, 3 * hidden, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, tokens, 3 * hidden, device=device, dtype=dtype)
 
     def step() -> None:
         torch.bmm(x, w).backward(grad)
@@ -125,6 +130,7 @@ class EpochCost:
     padded_tokens: int  # B x L slots of the training batches (what padded code computes)
     grid_slots: int  # slots of the packed attention grids (per modality, summed): real + holes
     grid_tokens: int  # observed utterances placed in those grids
+    first_seconds: float | None = None  # the warm-up epoch, compilation included
 
 
 class _Meter:
@@ -159,9 +165,13 @@ class _Meter:
 
 
 def time_epochs(trainer: FoldTrainer, stage: int, epochs: int, warm_up: bool = True) -> EpochCost:
-    """Mean cost of `epochs` full epochs (training pass, then val and test)."""
+    """Mean cost of `epochs` full epochs (training pass, then val and test), after one warm-up
+    epoch (timed apart: it includes compilation) unless `warm_up` is False."""
+    first = None
     if warm_up:
+        started = time.perf_counter()
         trainer._epoch(stage, 1, lambda record: None, None)
+        first = time.perf_counter() - started
     for split in ("val", "test"):  # evaluation batches are built once per run: not timed
         for setting in trainer.setting.evaluation_settings(stage):
             if trainer.splits[split]:
@@ -175,21 +185,25 @@ def time_epochs(trainer: FoldTrainer, stage: int, epochs: int, warm_up: bool = T
         seconds = (time.perf_counter() - started) / epochs
     return EpochCost(seconds, meter.utterances // epochs, meter.flops / epochs,
                      meter.real // epochs, meter.padded // epochs, meter.slots // epochs,
-                     meter.placed // epochs)
+                     meter.placed // epochs, first)
 
 
-def measure(dataset: str, data_root: Path, device: torch.device, epochs: int) -> dict:
-    """Everything the report needs for one dataset, measured in this process."""
+def measure(dataset: str, data_root: Path, device: torch.device, epochs: int,
+            mode: str = "fp32") -> dict:
+    """Everything the report needs for one dataset in one mode (`MODES`), measured in this
+    process."""
     data = load_dataset(dataset, data_root)
     batch, total, stage_epochs = PAPER_SCHEDULE[dataset]
     config = TrainConfig(dataset=dataset, data_root=str(data_root), device=str(device),
-                         output_dir="/nonexistent", reuse_stage1=False,
-                         save_checkpoint=False).resolved()
+                         output_dir="/nonexistent", reuse_stage1=False, save_checkpoint=False,
+                         **MODES[mode]).resolved()
+    bf16 = amp_active(device)
     builder = BatchBuilder(data, device)
     trainer = lambda setting: FoldTrainer(config, data, 0, setting, device, builder)  # noqa: E731
-    out = {"dataset": dataset, "device": str(device), "batch_size": batch, "epochs": total,
-           "stage_epochs": stage_epochs, "folds": len(data.folds),
-           "threads": torch.get_num_threads()}
+    out = {"dataset": dataset, "mode": mode, "device": str(device), "batch_size": batch,
+           "epochs": total, "stage_epochs": stage_epochs, "folds": len(data.folds),
+           "threads": torch.get_num_threads(), "chunk_utterances": config.chunk_utterances,
+           "bf16": bf16, "amp_ran": config.amp and bf16}
     fixed = trainer(MissingSetting("fixed", condition="atv"))
     out["stage1"] = dataclasses.asdict(time_epochs(fixed, 1, epochs))
     out["stage2"] = {"atv": dataclasses.asdict(time_epochs(fixed, 2, epochs))}
@@ -203,9 +217,16 @@ def measure(dataset: str, data_root: Path, device: torch.device, epochs: int) ->
         out["random"][str(rate)] = {
             "stage1": dataclasses.asdict(time_epochs(randomised, 1, 1)),
             "stage2": dataclasses.asdict(time_epochs(randomised, 2, 1, warm_up=False))}
+    # What compiling cost: the warm-up epochs' excess over the steady ones (later runs of the
+    # same process reuse the compiled code, as the runs of a sweep do).
+    out["compile_seconds"] = sum(max(0.0, c["first_seconds"] - c["seconds"])
+                                 for c in (out["stage1"], out["stage2"]["atv"])) \
+        if config.compile else 0.0
     batches = -(-len(data.folds[0].train) // batch)
-    out["matmul_gflops"] = matmul_throughput(device, config.hidden,
-                                             3 * out["stage2"]["atv"]["real_tokens"] // batches)
+    tokens = 3 * out["stage2"]["atv"]["real_tokens"] // batches
+    out["matmul_gflops"] = matmul_throughput(device, config.hidden, tokens)
+    out["bf16_matmul_gflops"] = matmul_throughput(device, config.hidden, tokens,
+                                                  torch.bfloat16) if bf16 else None
     return out
 
 
@@ -226,16 +247,18 @@ def projected_seconds(m: dict, *, reuse: bool) -> dict[str, float]:
         s1_cost = np.interp(rate, rates, [points[r][0] for r in rates])
         s2_cost = np.interp(rate, rates, [points[r][1] for r in rates])
         per_rate += s1 * s1_cost + s2 * s2_cost
-    folds = m["folds"]
-    return {"conditions": table * folds, "rates": per_rate * folds,
-            "script": (table + per_rate) * folds}
+    folds, compiling = m["folds"], m.get("compile_seconds", 0.0)  # compiled once per process
+    return {"conditions": table * folds + compiling, "rates": per_rate * folds + compiling,
+            "script": (table + per_rate) * folds + compiling}
 
 
-def at_matmul_peak(m: dict) -> dict:
-    """`m` with every measured epoch's seconds replaced by its model FLOPs run at the fp32 matmul
-    throughput measured in the same run: a floor for the same computation on this machine."""
-    peak = m["matmul_gflops"] * 1e9
+def at_matmul_peak(m: dict, throughput: str = "matmul_gflops") -> dict:
+    """`m` with every measured epoch's seconds replaced by its model FLOPs run at the matmul
+    throughput measured in the same run (`throughput`: fp32 `matmul_gflops` or
+    `bf16_matmul_gflops`): a floor for the same computation on this machine."""
+    peak = m[throughput] * 1e9
     floor = copy.deepcopy(m)
+    floor["compile_seconds"] = 0.0
     costs = [floor["stage1"], *floor["stage2"].values(),
              *(v[stage] for v in floor["random"].values() for stage in ("stage1", "stage2"))]
     for cost in costs:
@@ -247,8 +270,13 @@ def summarise(m: dict) -> list[str]:
     stage2 = m["stage2"]
     atv, mean2 = stage2["atv"], float(np.mean([stage2[c]["seconds"] for c in CONDITIONS]))
     train_flops = atv["flops"]
-    lines = [f"== {m['dataset']} (synthetic, real size; fold 1 of {m['folds']}; batch "
-             f"{m['batch_size']}; {m['threads']} threads; {m['device']})",
+    arithmetic = {True: "bfloat16 autocast", False: "float32"}[m.get("amp_ran", False)]
+    if m.get("mode", "fp32").startswith("amp") and not m.get("amp_ran"):
+        arithmetic += " (this device has no bfloat16: --amp ran float32)"
+    lines = [f"== {m['dataset']} [{m.get('mode', 'fp32')}: {arithmetic}"
+             f"{', compiled expert stack' if 'compile' in m.get('mode', '') else ''}; chunks of "
+             f"{m.get('chunk_utterances', 256)}] (synthetic, real size; fold 1 of {m['folds']}; "
+             f"batch {m['batch_size']}; {m['threads']} threads; {m['device']})",
              f"stage 1 epoch: {m['stage1']['seconds']:.2f} s "
              f"({m['stage1']['utterances'] / m['stage1']['seconds']:.0f} utterances/s)",
              f"stage 2 epoch: atv {atv['seconds']:.2f} s "
@@ -258,10 +286,18 @@ def summarise(m: dict) -> list[str]:
              "random rates, epoch seconds: " + ", ".join(
                  f"{r}: stage 1 {v['stage1']['seconds']:.2f} / stage 2 {v['stage2']['seconds']:.2f}"
                  for r, v in m["random"].items())]
+    if m.get("compile_seconds"):
+        lines.append(f"compilation: {m['compile_seconds']:.1f} s (first epochs' excess; counted "
+                     f"once per process in the projections below)")
     achieved = train_flops / atv["seconds"] / 1e9
+    floors = f"{m['matmul_gflops']:.1f} GFLOP/s fp32 matmul"
+    if m.get("bf16_matmul_gflops"):
+        floors += f", {m['bf16_matmul_gflops']:.1f} bf16 matmul"
     lines.append(f"model throughput, stage 2 atv epoch: {achieved:.1f} GFLOP/s achieved vs "
-                 f"{m['matmul_gflops']:.1f} GFLOP/s fp32 matmul at the model's shapes "
-                 f"(ratio {achieved / m['matmul_gflops']:.2f})")
+                 f"{floors} at the model's shapes (ratio to fp32 "
+                 f"{achieved / m['matmul_gflops']:.2f}"
+                 + (f", to bf16 {achieved / m['bf16_matmul_gflops']:.2f})"
+                    if m.get("bf16_matmul_gflops") else ")"))
     padding = 1 - atv["real_tokens"] / atv["padded_tokens"]
     holes = 1 - atv["grid_tokens"] / atv["grid_slots"]
     lines.append(f"padding: a padded computation spends {100 * padding:.0f} % of its per-token "
@@ -276,20 +312,49 @@ def summarise(m: dict) -> list[str]:
                  f"{without['conditions'] / 60:.1f} min without; whole run script (7 conditions "
                  f"+ 8 rates) {with_reuse['script'] / 60:.1f} min with reuse, "
                  f"{without['script'] / 60:.1f} min without")
-    floor = at_matmul_peak(m)
-    lines.append(f"floor (every model FLOP at the measured matmul throughput, evaluation "
-                 f"included): stage 1 epoch {floor['stage1']['seconds']:.2f} s, stage 2 atv epoch "
-                 f"{floor['stage2']['atv']['seconds']:.2f} s, seven-condition table "
-                 f"{projected_seconds(floor, reuse=True)['conditions'] / 60:.1f} min with reuse")
+    for name, key in (("fp32", "matmul_gflops"), ("bf16", "bf16_matmul_gflops")):
+        if not m.get(key):
+            continue
+        floor = at_matmul_peak(m, key)
+        lines.append(f"{name} floor (every model FLOP at the measured {name} matmul throughput, "
+                     f"evaluation included): stage 1 epoch {floor['stage1']['seconds']:.2f} s, "
+                     f"stage 2 atv epoch {floor['stage2']['atv']['seconds']:.2f} s, "
+                     f"seven-condition table "
+                     f"{projected_seconds(floor, reuse=True)['conditions'] / 60:.1f} min")
     official = OFFICIAL.get(m["dataset"])
     if official:
         lines.append(
-            f"vs the official implementation (quoted from the speed issue, same machine kind): "
-            f"stage 1 x{official['stage1'] / m['stage1']['seconds']:.1f} faster, stage 2 atv "
+            f"vs the official implementation (quoted from the speed issues, same machine kind: "
+            f"{official['stage1']} s / {official['stage2']} s): stage 1 "
+            f"x{official['stage1'] / m['stage1']['seconds']:.1f} faster, stage 2 atv "
             f"x{official['stage2'] / atv['seconds']:.1f} (mean of conditions "
             f"x{official['stage2'] / mean2:.1f}); seven-condition table "
             f"{100 * with_reuse['conditions'] / 3600 / official['table_hours']:.1f} % of the "
             f"official {official['table_hours']} h")
+    return lines
+
+
+def compare(figures: list[dict]) -> list[str]:
+    """One Markdown table of the modes measured for one dataset, measured in one run."""
+    official = OFFICIAL.get(figures[0]["dataset"])
+    lines = [f"== {figures[0]['dataset']}: the modes side by side (seconds per epoch; tables and "
+             f"scripts projected at the paper's epochs, stage 1 reused, compilation included)",
+             "| mode | stage 1 | stage 2 atv | stage 2, mean of 7 | compile | peak MB | "
+             "7-condition table | whole script |" + (" vs official (stage 1 / 2 atv) |"
+                                                     if official else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if official else "")]
+    for m in figures:
+        mean2 = float(np.mean([m["stage2"][c]["seconds"] for c in CONDITIONS]))
+        projected = projected_seconds(m, reuse=True)
+        row = (f"| {m['mode']} | {m['stage1']['seconds']:.2f} | "
+               f"{m['stage2']['atv']['seconds']:.2f} | {mean2:.2f} | "
+               f"{m.get('compile_seconds', 0.0):.0f} s | "
+               f"{m['peak_memory']['peak_memory_mb']:.0f} | {projected['conditions'] / 60:.1f} min "
+               f"| {projected['script'] / 60:.1f} min |")
+        if official:
+            row += (f" x{official['stage1'] / m['stage1']['seconds']:.1f} / "
+                    f"x{official['stage2'] / m['stage2']['atv']['seconds']:.1f} |")
+        lines.append(row)
     return lines
 
 
@@ -298,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="CMUMOSI,IEMOCAPFour,CMUMOSEI",
                         help="comma list (default: CMUMOSI,IEMOCAPFour,CMUMOSEI)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma list among {', '.join(MODES)} (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default cpu)")
     parser.add_argument("--epochs", type=int, default=2,
                         help="measured epochs per stage after one warm-up (default 2)")
@@ -306,9 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        parser.error(f"--modes {args.modes!r}: use a comma list among {', '.join(MODES)}.")
     device = resolve_device(args.device)
-    if args.worker:  # one dataset, in its own process: print its figures as JSON
-        print(json.dumps(measure(args.worker, args.data_root, device, args.epochs)))
+    if args.worker:  # one dataset and mode, in its own process: print its figures as JSON
+        print(json.dumps(measure(args.worker, args.data_root, device, args.epochs, modes[0])))
         return 0
     figures = []
     for dataset in [d.strip() for d in args.datasets.split(",") if d.strip()]:
@@ -316,15 +387,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (args.data_root / spec.folder / spec.label_file).is_file():
             print(f"generating the synthetic {dataset} set into {args.data_root}", flush=True)
             generate(dataset, args.data_root)
-        done = subprocess.run([sys.executable, "-m", "MoMKE.bench", "--worker", dataset,
-                               "--device", str(device), "--epochs", str(args.epochs),
-                               "--data-root", str(args.data_root)],
-                              capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
-            return done.returncode
-        figures.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print("\n".join(summarise(figures[-1])), flush=True)
+        measured = []
+        for mode in modes:
+            done = subprocess.run([sys.executable, "-m", "MoMKE.bench", "--worker", dataset,
+                                   "--modes", mode, "--device", str(device), "--epochs",
+                                   str(args.epochs), "--data-root", str(args.data_root)],
+                                  capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                return done.returncode
+            measured.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print("\n".join(summarise(measured[-1])), flush=True)
+        if len(measured) > 1:
+            print("\n".join(compare(measured)), flush=True)
+        figures += measured
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0

@@ -29,6 +29,7 @@ import yaml
 from dataloader.datasets import DATASETS, get_spec
 from MoMKE.config import PAPER_SCHEDULE
 from MoMKE.protocols import CONDITIONS, RATES
+from MoMKE.runlog import experiment_hash
 from MoMKE.selection import POOLS, RULE_LABELS, RULES, VIEW
 from MoMKE.uncertainty import SavedRuns
 
@@ -730,6 +731,81 @@ def csv_text(key: Key, results: list[dict], mae_corr: str = "all",
     return out.getvalue()
 
 
+# ----------------------------------------------------------------------------- arithmetic parity
+# Runs that differ only in how they compute (--amp, --compile, --chunk-utterances) form one
+# experiment done in several arithmetics: compared with float32 eager, the reference.
+
+ARITHMETIC_FIELDS = ("amp", "compile", "chunk_utterances")
+
+
+def arithmetic(config: dict) -> str:
+    return ("bf16" if config.get("amp") else "fp32") + ("+compile" if config.get("compile") else "")
+
+
+def arithmetic_comparisons(results: Sequence[dict]) -> dict[str, list[str]]:
+    """A Markdown comparison per experiment run in float32 and in another arithmetic: every
+    metric of every condition or rate under the three epoch rules, mean ± std over seeds, the
+    difference of means, and whether it stays within the float32 seed spread. Keyed by a file
+    stem (`<dataset>-arithmetic`, with the experiment when a dataset has several)."""
+    clusters: dict[tuple[str, str], list[dict]] = {}
+    for result in results:
+        if "identity" in result and variant(result) == "MoMKE":
+            key = (result["dataset"], experiment_hash(result["identity"], ignore=ARITHMETIC_FIELDS))
+            clusters.setdefault(key, []).append(result)
+    out: dict[str, list[str]] = {}
+    for (dataset, experiment), members in sorted(clusters.items()):
+        by_arithmetic: dict[str, list[dict]] = {}
+        for result in members:
+            by_arithmetic.setdefault(arithmetic(result["config"]), []).append(result)
+        if "fp32" not in by_arithmetic or len(by_arithmetic) < 2:
+            continue
+        stem = f"{dataset}-arithmetic"
+        stem = stem if stem not in out else f"{stem}-{experiment}"
+        out[stem] = _arithmetic_table(dataset, experiment, by_arithmetic)
+    return out
+
+
+def _arithmetic_table(dataset: str, experiment: str, runs: dict[str, list[dict]]) -> list[str]:
+    spec = get_spec(dataset)
+    reference = {row.label: row for row in table_rows(runs["fp32"]) if row.key is not None}
+    others = [name for name in sorted(runs) if name != "fp32"]
+    first = runs["fp32"][0]
+    lines = [f"# {dataset}: other arithmetics against float32 (experiment `{experiment}`)", ""]
+    if first["data_source"] == "synthetic":
+        lines.append("**SYNTHETIC DATA**: this compares arithmetics of the code, not MoMKE's "
+                     "accuracy on real data.")
+    config = first["config"]
+    lines += [f"Schedule: {config['epochs']} epochs ({config['stage_epochs']} of stage 1), "
+              f"folds {config.get('folds') or 'all'}; otherwise identical runs. Test-split "
+              f"metrics, a cell is mean ± sample std over seeds (n beside the setting); Δ is "
+              f"the difference of means from float32. 'moved' marks |Δ| larger than the float32 "
+              f"seed std: such an arithmetic is not at parity there.", ""]
+    header = ["setting", "arithmetic", "rule", *(_column(m) for m in spec.metrics)]
+    table, moved, cells = [], 0, 0
+    for name in others:
+        rows = {row.label: row for row in table_rows(runs[name]) if row.key is not None}
+        for label in [label for label in reference if label in rows]:
+            seeds = f"{len(reference[label].results)} / {len(rows[label].results)}"
+            for rule in RULES:
+                line = [f"{label} (n {seeds})", f"{name} vs fp32", rule]
+                for metric in spec.metrics:
+                    base, other = cell(reference[label], rule, metric), cell(rows[label], rule,
+                                                                            metric)
+                    if base is None or other is None:
+                        line.append("n/a")
+                        continue
+                    delta = other[0] - base[0]
+                    outside = abs(delta) > base[1]
+                    moved, cells = moved + outside, cells + 1
+                    line.append(f"{_fmt(base, metric)} → {_fmt(other, metric)} "
+                                f"(Δ {delta:+.{2 if metric in PERCENT_METRICS else 3}f}"
+                                f"{', moved' if outside else ''})")
+                table.append(line)
+    lines += _table(header, table)
+    lines += ["", f"{moved} of {cells} cells moved by more than the float32 seed std."]
+    return lines
+
+
 def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_corr: str = "auto",
                  ci: bool = False, resamples: int = 1000,
                  skipped: list[tuple[str, str]] | None = None) -> list[Path]:
@@ -762,6 +838,9 @@ def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_co
         if plots:
             from MoMKE.plots import plot_group  # matplotlib only when plotting
             written += plot_group(key, members, rows, out, prefix)
+    for stem, lines in arithmetic_comparisons(found.results).items():
+        (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        written.append(out / f"{stem}.md")
     if skipped is not None:
         skipped.extend(found.skipped)
     return written

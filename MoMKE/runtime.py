@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import logging
+import os
 import platform
 import resource
 import subprocess
@@ -20,6 +21,13 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+# oneDNN, which runs the CPU's bfloat16 products, keeps up to 1,024 compiled kernels per cache, one
+# per matrix shape. Batch shapes vary from batch to batch, so those caches grew a bfloat16 CMU-MOSI
+# run's resident memory to 1.4 GB in 24 epochs (float32: 0.8 GB); 16 entries keep it at 0.73 GB
+# at no measured cost. Read when oneDNN first runs, so set before any product; a user's value wins.
+for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_variable, "16")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -64,3 +64,28 @@ def test_floor_runs_every_measured_epoch_at_the_matmul_throughput():
     assert m["stage1"]["seconds"] == 9.0  # the measurement itself is left as it was
     table = projected_seconds(floor, reuse=True)["conditions"]
     assert table == pytest.approx(10 * 0.02 + 7 * 20 * 0.04)
+
+
+def test_compilation_counts_once_in_every_projection_and_not_in_the_floors():
+    cost = lambda seconds: {"seconds": seconds, "flops": 1e9}  # noqa: E731
+    m = {"stage1": cost(1.0), "stage2": {c: cost(2.0) for c in CONDITIONS},
+         "random": {"0.7": {"stage1": cost(1.0), "stage2": cost(2.0)}},
+         "stage_epochs": 10, "epochs": 30, "folds": 5, "matmul_gflops": 100.0,
+         "bf16_matmul_gflops": 250.0}
+    eager = projected_seconds(m, reuse=True)
+    compiled = projected_seconds({**m, "compile_seconds": 40.0}, reuse=True)
+    assert all(compiled[k] == pytest.approx(eager[k] + 40.0) for k in eager)
+    floor = at_matmul_peak({**m, "compile_seconds": 40.0}, "bf16_matmul_gflops")
+    assert floor["compile_seconds"] == 0.0 and floor["stage1"]["seconds"] == pytest.approx(1 / 250)
+
+
+def test_the_mode_table_has_one_row_per_mode_with_the_official_ratios():
+    from MoMKE.bench import OFFICIAL, compare
+    cost = lambda seconds: {"seconds": seconds, "flops": 1e9}  # noqa: E731
+    base = {"dataset": "CMUMOSI", "stage1": cost(0.36), "stage2": {c: cost(0.9) for c in CONDITIONS},
+            "random": {"0.7": {"stage1": cost(0.3), "stage2": cost(0.8)}}, "stage_epochs": 150,
+            "epochs": 300, "folds": 1, "peak_memory": {"peak_memory_mb": 700.0}}
+    lines = compare([{**base, "mode": "fp32"}, {**base, "mode": "amp", "compile_seconds": 30.0}])
+    assert len(lines) == 5 and lines[3].startswith("| fp32 |") and "| 30 s |" in lines[4]
+    official = OFFICIAL["CMUMOSI"]
+    assert f"x{official['stage1'] / 0.36:.1f} / x{official['stage2'] / 0.9:.1f}" in lines[3]

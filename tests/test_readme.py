@@ -1,6 +1,7 @@
 """The README is a contract: its two commands, every flag, and a quick start that runs."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from MoMKE.config import build_parser
+from MoMKE.runtime import cpu_has_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -45,3 +47,16 @@ def test_quick_start_runs_on_the_synthetic_default(tmp_path):
     assert len(list((tmp_path / "saved" / "CMUMOSI").glob("*/result.json"))) == 2
     table = (tmp_path / "saved" / "CMUMOSI" / "report" / "CMUMOSI.md").read_text()
     assert "| atv | 1 |" in table and "bootstrap interval over test conversations" in table
+    # PRECISION=bf16 by default: bfloat16 where this CPU has it, float32 (so recorded) elsewhere
+    result = json.loads(next((tmp_path / "saved" / "CMUMOSI").glob("*/result.json")).read_text())
+    assert result["config"]["amp"] is cpu_has_bf16()
+    assert ("bfloat16 autocast (--amp)" if cpu_has_bf16() else "Arithmetic: float32") in table
+
+
+@pytest.mark.parametrize("variable", ["PRECISION=fp16", "COMPILE=maybe"])
+def test_run_scripts_refuse_an_unknown_precision_or_compile_value(variable):
+    name, value = variable.split("=")
+    for script in sorted(ROOT.glob("run_MoMKE_*.sh")):
+        done = subprocess.run(["sh", script.name], cwd=ROOT, env={**os.environ, name: value},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and f"{name}={value}: use" in done.stderr, script.name

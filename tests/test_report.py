@@ -105,3 +105,33 @@ def test_intervals_are_the_conversation_bootstrap_of_the_kept_predictions(tiny_r
                 and r["rule"] == "best_val" and r["metric"] == "acc2")
     assert (float(cell["ci_low"]), float(cell["ci_high"])) == pytest.approx(
         (100 * acc2.low, 100 * acc2.high), abs=1e-3)
+
+
+def test_runs_that_differ_only_in_arithmetic_are_compared_with_float32(tmp_path):
+    def saved(amp: bool, seed: int, wa: float) -> None:
+        folder = tmp_path / ("bf16" if amp else "fp32")
+        _result(folder, dataset="IEMOCAPFour", setting="fixed-atv", seed=seed, wa=wa)
+        path = folder / f"fixed-atv_seed{seed}" / "result.json"
+        result = json.loads(path.read_text())
+        arithmetic = {"amp": amp, "compile": False, "chunk_utterances": 1024 if amp else 256}
+        result["config"].update(arithmetic)
+        result["identity"] = {"config": {"hidden": 256, "seed": seed, **arithmetic},
+                              "setting": "fixed-atv", "data": "d", "code": "c", "torch": "t"}
+        result["experiment"] = "bf16" if amp else "fp32"  # two tables, one comparison
+        path.write_text(json.dumps(result))
+
+    for seed, (fp32, bf16) in zip((1, 2, 3), ((0.70, 0.705), (0.72, 0.73), (0.71, 0.69))):
+        saved(False, seed, fp32)
+        saved(True, seed, bf16)
+    written = write_report([tmp_path], tmp_path / "out", plots=False)
+    assert sorted(p.name for p in written if p.suffix == ".md") == [
+        "IEMOCAPFour-arithmetic.md", "IEMOCAPFour-synthetic-bf16.md",
+        "IEMOCAPFour-synthetic-fp32.md"]
+    text = (tmp_path / "out" / "IEMOCAPFour-arithmetic.md").read_text()
+    # WA at the best-on-test epoch: fp32 71.00 ± 1.00, bf16 70.83 ± 2.02; Δ -0.17 is within 1.00
+    line = next(line for line in text.splitlines() if "| bf16 vs fp32 | best_test |" in line)
+    assert line.startswith("| atv (n 3 / 3) |")
+    assert "71.00 ± 1.00 → 70.83 ± 2.02 (Δ -0.17)" in line
+    assert "SYNTHETIC DATA" in text and "cells moved by more than the float32 seed std" in text
+    assert "Arithmetic: bfloat16 autocast (--amp)" in \
+        next(p for p in written if p.name.endswith("bf16.md")).read_text()
