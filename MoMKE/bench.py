@@ -44,7 +44,7 @@ from MoMKE.config import PAPER_SCHEDULE, TrainConfig
 from MoMKE.protocols import CONDITIONS, RATES
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE, TokenLayout
 from MoMKE.protocols import MissingSetting
-from MoMKE.runtime import amp_active, peak_memory, resolve_device
+from MoMKE.runtime import bf16_supported, peak_memory, resolve_device
 from MoMKE.trainer import FoldTrainer
 
 # The official implementation on this machine kind (2 cores, no GPU), from the speed issues:
@@ -197,7 +197,7 @@ def measure(dataset: str, data_root: Path, device: torch.device, epochs: int,
     config = TrainConfig(dataset=dataset, data_root=str(data_root), device=str(device),
                          output_dir="/nonexistent", reuse_stage1=False, save_checkpoint=False,
                          **MODES[mode]).resolved()
-    bf16 = amp_active(device)
+    bf16 = bf16_supported(device)
     builder = BatchBuilder(data, device)
     trainer = lambda setting: FoldTrainer(config, data, 0, setting, device, builder)  # noqa: E731
     out = {"dataset": dataset, "mode": mode, "device": str(device), "batch_size": batch,

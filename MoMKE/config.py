@@ -119,7 +119,7 @@ class TrainConfig:
         "Parity with float32 and the speed-up: README, 'Precision and speed'", default=False)
     compile: bool = _option(
         "torch.compile the expert stack (dynamic shapes: one compilation serves every batch size). "
-        "Measured on a 2-core CPU it saves nothing per epoch and costs 20-50 s of compilation per "
+        "Measured on a 2-core CPU its epochs were slower and it costs 11-50 s of compilation per "
         "process (`python -m MoMKE.bench --modes`); inside it dropout uses the compiler's random "
         "stream, not --bit-dropout's", default=False)
     output_dir: str = _option("where run folders are written", default="saved")
@@ -156,11 +156,13 @@ class TrainConfig:
         if self.stage_epochs is not None:
             stage = self.stage_epochs
         official = dict(select_from="all", expert_handover="last") if self.official else {}
+        chunk = self.chunk_utterances
+        if chunk is None:
+            chunk = AMP_CHUNK_UTTERANCES if self.amp else CHUNK_UTTERANCES
         out = dataclasses.replace(self, test_condition=conditions, missing_rate=rates,
                                   epochs=epochs, stage_epochs=stage,
                                   batch_size=batch if self.batch_size is None else self.batch_size,
-                                  chunk_utterances=self.chunk_utterances if self.chunk_utterances is not None else (
-                                      AMP_CHUNK_UTTERANCES if self.amp else CHUNK_UTTERANCES),
+                                  chunk_utterances=chunk,
                                   **official)
         out._check()
         return out

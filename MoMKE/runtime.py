@@ -25,7 +25,9 @@ import torch
 # oneDNN, which runs the CPU's bfloat16 products, keeps up to 1,024 compiled kernels per cache, one
 # per matrix shape. Batch shapes vary from batch to batch, so those caches grew a bfloat16 CMU-MOSI
 # run's resident memory to 1.4 GB in 24 epochs (float32: 0.8 GB); 16 entries keep it at 0.73 GB
-# at no measured cost. Read when oneDNN first runs, so set before any product; a user's value wins.
+# with the same losses. Cost, 4 paired whole-process runs of 8 epochs: wall time x1.06 median
+# (0.97-1.08), within this machine's noise; 128 entries were no faster. Read when oneDNN first
+# runs, so set before any product; a user's value wins.
 for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     os.environ.setdefault(_variable, "16")
 
@@ -57,26 +59,38 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 def amp_active(device: torch.device) -> bool:
-    """Whether `--amp` takes effect on `device`: always on CUDA, on the CPU where bfloat16 runs in
-    hardware (`cpu_has_bf16`)."""
+    """Whether `--amp` takes effect on `device` (`bf16_supported`); said once, in the log, where
+    it does not."""
+    if bf16_supported(device):
+        return True
+    _say_no_bf16()
+    return False
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether `device` does bfloat16 arithmetic in hardware: every CUDA device, and the CPUs of
+    `cpu_has_bf16`."""
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
 
 
 @lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """Whether this CPU does bfloat16 arithmetic in hardware (x86: AVX-512 BF16 or AMX; ARM:
-    the BF16 extension). Said once, in the log, when it does not."""
+    the BF16 extension)."""
     try:
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except AttributeError:  # a torch without these probes: assume the worst
         native = False
     if not native and platform.machine().lower() in ("aarch64", "arm64"):
         native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if not native:
-        logging.getLogger("MoMKE").warning(
-            "--amp: this CPU has no bfloat16 arithmetic in hardware (AVX-512 BF16, AMX or ARM "
-            "BF16), where bfloat16 would be slower than float32; running float32.")
     return native
+
+
+@lru_cache(maxsize=1)
+def _say_no_bf16() -> None:
+    logging.getLogger("MoMKE").warning(
+        "--amp: this CPU has no bfloat16 arithmetic in hardware (AVX-512 BF16, AMX or ARM BF16), "
+        "where bfloat16 would be slower than float32; running float32.")
 
 
 def compile_experts(model: torch.nn.Module) -> None:

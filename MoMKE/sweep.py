@@ -187,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, train_args = build_parser().parse_known_args(argv)
     try:
         config = parse_config(train_args)
+        # What runs on this device (--amp dropped where it has no bfloat16), so the planned run
+        # folders are the ones the runs write.
+        config = trainer.as_run_on(config, resolve_device(config.device))
         seeds = _seeds(args.seeds, config.seed)
         check_output_dir(config.output_dir)
         if args.launcher == "ray":

@@ -102,3 +102,16 @@ def test_compiled_experts_keep_their_names_and_compute_the_same():
     for expert in model.experts.values():
         expert._compiled_call_impl = None  # back to eager for the reference
     torch.testing.assert_close(again, model(*other, 2).fused, atol=1e-4, rtol=1e-4)
+
+
+def test_a_sweep_with_amp_on_a_cpu_without_bf16_finds_its_own_complete_runs(tiny_root, tmp_path,
+                                                                              monkeypatch):
+    from MoMKE import sweep
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    argv = ["--dataset", "CMUMOSI", "--data-root", str(tiny_root), "--output-dir", str(tmp_path),
+            "--epochs", "2", "--hidden", "8", "--depth", "1", "--device", "cpu", "--amp"]
+    assert sweep.main(argv) == 0
+    trained_again = []
+    monkeypatch.setattr(sweep.trainer, "run", lambda *args: trained_again.append(args))
+    assert sweep.main(argv) == 0
+    assert trained_again == []  # planned as float32, the folder it wrote: complete before
