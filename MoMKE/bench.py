@@ -83,12 +83,12 @@ def model_flops(layout: TokenLayout, model: ModelConfig, stage: int) -> float:
     return flops
 
 
-def counted_flops(model: MoMKE, features: dict[str, torch.Tensor], available: torch.Tensor,
-                  padding: torch.Tensor, stage: int) -> int:
+def counted_flops(model: MoMKE, features: dict[str, torch.Tensor], layout: TokenLayout,
+                  stage: int) -> int:
     """Forward FLOPs of one model call as torch counts them (`FlopCounterMode`): the check on
     `model_flops`."""
     with FlopCounterMode(display=False) as counter:
-        model(features, available, padding, stage)
+        model(features, layout, stage)
     return counter.get_total_flops()
 
 
@@ -144,18 +144,17 @@ class _Meter:
     def __enter__(self) -> "_Meter":
         forward = type(self.model).forward
 
-        def counted(features, available, padding, stage):
-            layout = TokenLayout.from_masks(available, padding)
+        def counted(features, layout, stage):
             training = self.model.training
             self.flops += model_flops(layout, self.model.config, stage) * (3 if training else 1)
             self.utterances += layout.valid.shape[0]
             if training:
                 self.real += layout.valid.shape[0]
-                self.padded += padding.numel()
+                self.padded += layout.conversations * layout.length
                 self.slots += sum(layout.rows[m] * layout.length for m in MODALITIES
                                   if layout.count(m))
                 self.placed += sum(layout.count(m) for m in MODALITIES)
-            return forward(self.model, features, available, padding, stage)
+            return forward(self.model, features, layout, stage)
 
         self.model.forward = counted  # an instance attribute shadows the method
         return self

@@ -13,10 +13,10 @@ Notation
 
 Layout. Padded and missing utterances are zeroed by the SPEC anyway, so the model computes only
 real tokens: each modality's tokens are gathered from the (B, L) batch, and for the experts they
-are packed into rows of L slots, several short conversations sharing a row, with an attention
-mask that keeps every conversation to itself (`TokenLayout`, the one place that knows where tokens
-sit). An expert takes its tokens (N, D); only its attention lays them out in those rows
-(`PackedRows`), so every linear layer computes real tokens only.
+are laid out in rows of L slots with an attention mask that keeps every conversation to itself
+(`TokenLayout` in MoMKE/layout.py, the one place that knows where tokens sit; it is computed on the
+host where the batch is assembled). An expert takes its tokens (N, D); only its attention lays
+them out in those rows (`PackedRows`), so every linear layer computes real tokens only.
 """
 from __future__ import annotations
 
@@ -27,8 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODALITIES = ("a", "t", "v")
+from MoMKE.layout import MODALITIES, PackedRows, TokenLayout
+
 Features = Union[Tensor, Callable[[Tensor], Tensor]]  # (B, L, d), or flat positions (N,) -> (N, d)
+
+# How attention lays out tokens, by device (MoMKE/layout.py). CPU: short conversations share rows,
+# so attention computes 15-18 % empty slots instead of 40-60 % (CMU-MOSI), which a CPU pays for.
+# GPU: every conversation its own row, the dense padded (B, L, L) attention: a GPU has the
+# arithmetic to spare, and the layout needs no first-fit search on the host. Both compute the same
+# attention (tests/test_model.py holds them to the same outputs and gradients).
+PACKING = {"cpu": "shared", "cuda": "own"}
 
 
 @dataclass(frozen=True)
@@ -57,140 +65,39 @@ class ModelConfig:
         return asdict(self)
 
 
-# ----------------------------------------------------------------------------- where tokens sit
-
-@dataclass
-class TokenLayout:
-    """Where the tokens of a (B, L) batch sit, and how they are packed for attention.
-
-    `observed[m]` (N_m,) are the flat positions b * L + l of the unpadded utterances where m is
-    observed, `valid` (N,) those of all unpadded utterances, and `valid_position[m]` (N_m,) the
-    place of each token of m inside `valid`. For the experts, the tokens of m fill `rows[m]` rows
-    of L slots: each conversation's tokens contiguous and in order, several short conversations
-    per row (first fit, longest first); `slots[m]` (N_m,) is each token's slot r * L + j and
-    `attend[m]` (R_m, L, L) says which slots may attend to which (same conversation, real key).
-    """
-
-    length: int
-    observed: dict[str, Tensor]
-    valid: Tensor
-    valid_position: dict[str, Tensor]
-    rows: dict[str, int]
-    slots: dict[str, Tensor]
-    attend: dict[str, Tensor]
-
-    @classmethod
-    def from_masks(cls, available: Tensor, padding: Tensor) -> TokenLayout:
-        """`available` (B, L, M) bool, True = observed; `padding` (B, L) bool, True = padded.
-        Computed on the host (it packs with Python loops); the index tensors go to their device."""
-        device = padding.device
-        available, padding = available.cpu(), padding.cpu()
-        length = padding.shape[1]
-        valid = (~padding).reshape(-1).nonzero().squeeze(1)
-        observed, rows, slots, attend = {}, {}, {}, {}
-        packings: dict[tuple[int, ...], tuple[int, Tensor, Tensor]] = {}
-        for i, m in enumerate(MODALITIES):
-            present = available[..., i] & ~padding  # (B, L)
-            observed[m] = present.reshape(-1).nonzero().squeeze(1)
-            per_conversation = present.sum(dim=1)  # (B,)
-            counts = tuple(per_conversation.tolist())
-            if counts not in packings:  # fixed conditions: every modality packs alike
-                packings[counts] = _pack_rows(counts, length)
-            rows[m], start, attend[m] = packings[counts]
-            conversation = observed[m] // length
-            first = per_conversation.cumsum(0) - per_conversation  # (B,) first token of each
-            rank = torch.arange(len(observed[m])) - first[conversation]  # place in its conversation
-            slots[m] = start[conversation] + rank
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return cls(length, {m: move(t) for m, t in observed.items()}, move(valid),
-                   {m: move(torch.searchsorted(valid, t)) for m, t in observed.items()}, rows,
-                   {m: move(t) for m, t in slots.items()}, {m: move(t) for m, t in attend.items()})
-
-    def count(self, m: str) -> int:
-        return int(self.observed[m].shape[0])
-
-    def gather(self, m: str, x: Features) -> Tensor:
-        """The tokens of m, (N_m, d): rows of a padded (B, L, d) tensor, or what a function of
-        the flat positions returns (it can read them straight from a feature table)."""
-        if callable(x) and not isinstance(x, Tensor):
-            return x(self.observed[m])
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.observed[m])
-
-    def rows_for(self, modalities: list[str]) -> PackedRows:
-        """The packed rows of `modalities`, stacked in that order, for their tokens concatenated
-        in the same order."""
-        offsets = torch.tensor([0] + [self.rows[m] for m in modalities]).cumsum(0).tolist()
-        slots = torch.cat([self.slots[m] + offsets[k] * self.length
-                           for k, m in enumerate(modalities)])
-        return PackedRows(slots, torch.cat([self.attend[m] for m in modalities]))
-
-    def scatter(self, m: str, x: Tensor) -> Tensor:
-        """Tokens of m (N_m, D) placed among all unpadded utterances: (N, D), zero where m is
-        missing."""
-        return x.new_zeros(self.valid.shape[0], x.shape[-1]).index_copy(
-            0, self.valid_position[m], x)
-
-
-def _pack_rows(counts: tuple[int, ...], capacity: int) -> tuple[int, Tensor, Tensor]:
-    """Place sequences of `counts` tokens in rows of `capacity` slots, first fit, longest first:
-    (rows, first slot of each sequence (B,), (rows, capacity, capacity) who may attend to whom)."""
-    start = [0] * len(counts)
-    used: list[int] = []  # filled slots per row
-    for i in sorted(range(len(counts)), key=lambda i: -counts[i]):
-        if counts[i] == 0:
-            continue
-        row = next((r for r, u in enumerate(used) if u + counts[i] <= capacity), len(used))
-        if row == len(used):
-            used.append(0)
-        start[i] = row * capacity + used[row]
-        used[row] += counts[i]
-    owner = torch.full((len(used) * capacity,), -1, dtype=torch.long)  # conversation of each slot
-    for i, n in enumerate(counts):
-        owner[start[i]:start[i] + n] = i
-    owner = owner.view(len(used), capacity)
-    attend = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
-    return len(used), torch.tensor(start, dtype=torch.long), attend
-
-
-@dataclass
-class PackedRows:
-    """Tokens (N, D) laid out in R rows of S slots for attention: `slots` (N,) is each token's
-    slot r * S + j, `attend` (R, S, S) bool who may attend to whom."""
-
-    slots: Tensor
-    attend: Tensor
-
-    def pack(self, x: Tensor) -> Tensor:
-        """(N, d) -> (R, S, d), zero in empty slots."""
-        R, S, _ = self.attend.shape
-        return x.new_zeros(R * S, x.shape[-1]).index_copy(0, self.slots, x).view(R, S, -1)
-
-    def unpack(self, grid: Tensor) -> Tensor:
-        """(R, S, d) -> (N, d)."""
-        return grid.reshape(-1, grid.shape[-1]).index_select(0, self.slots)
-
-
 # ----------------------------------------------------------------------------- building blocks
 
 class BitDropout(nn.Dropout):
     """`nn.Dropout` whose CPU keep-mask comes from random bits: at p = 0.5 one random byte gives
     eight fair coins, otherwise a uniform draw is compared with p. Each element is kept with
     probability 1 - p and scaled by 1 / (1 - p), as in `nn.Dropout`; only the random stream
-    differs. On the CPU `F.dropout` draws through a path several times slower; elsewhere, and
-    inside `torch.compile` (which fuses its own dropout), it is used as it is."""
-
-    _SHIFTS = torch.arange(8, dtype=torch.uint8)
+    differs. On the CPU `F.dropout` draws through a path several times slower. Under
+    `torch.compile` the mask is drawn by the same code, behind an opaque operator, so compiled and
+    eager training draw the same masks; elsewhere (GPU) it is `nn.Dropout`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (not self.training or self.p == 0.0 or x.device.type != "cpu"
-                or torch.compiler.is_compiling()):
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
             return super().forward(x)
-        if self.p == 0.5:
-            coins = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8).random_()
-            keep = ((coins[:, None] >> self._SHIFTS) & 1).view(-1)[:x.numel()].view(x.shape)
-        else:
-            keep = (torch.rand(x.shape) >= self.p).view(torch.uint8)
-        return x.mul(keep).mul_(1.0 / (1.0 - self.p))  # autograd keeps the one-byte mask only
+        draw = torch.ops.momke.keep_mask if torch.compiler.is_compiling() else _keep_mask
+        return x.mul(draw(x, self.p)).mul_(1.0 / (1.0 - self.p))  # autograd keeps the byte mask
+
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def _keep_mask(x: Tensor, p: float) -> Tensor:
+    """A uint8 mask of x's shape, 1 with probability 1 - p, from the global CPU generator."""
+    if p == 0.5:
+        coins = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8).random_()
+        return ((coins[:, None] >> _SHIFTS) & 1).view(-1)[:x.numel()].view(x.shape)
+    return (torch.rand(x.shape) >= p).view(torch.uint8)
+
+
+# The compiler would otherwise draw dropout with its own per-element generator, which on a CPU
+# made compiled epochs about 1.5x slower than eager ones (measured on the expert stack).
+torch.library.custom_op("momke::keep_mask", _keep_mask, mutates_args=())
+torch.library.register_fake("momke::keep_mask")(
+    lambda x, p: torch.empty(x.shape, dtype=torch.uint8))
 
 
 def _dropout(p: float, config: ModelConfig) -> nn.Dropout:
@@ -312,13 +219,13 @@ class MoMKE(nn.Module):
         self.fusion = Fusion(config)
         self.head = nn.Linear(len(MODALITIES) * D, C)  # stage 2: y = h W + b
 
-    def forward(self, features: Mapping[str, Features], available: Tensor, padding: Tensor,
+    def forward(self, features: Mapping[str, Features], layout: TokenLayout,
                 stage: int) -> MoMKEOutput:
         """`features[m]` (B, L, d_m), or a function from flat positions b * L + l (N,) to their
-        rows (N, d_m) (`Batch.packed_features`: no padded copy); `available` (B, L, M) bool,
-        True = observed; `padding` (B, L) bool, True = padded; `stage` 1 (unimodal heads) or 2
+        rows (N, d_m) (`Batch.packed_features`: no padded copy); `layout` where the tokens sit,
+        `TokenLayout.from_masks(available, padding)` with `available` (B, L, M) bool, True =
+        observed, and `padding` (B, L) bool, True = padded; `stage` 1 (unimodal heads) or 2
         (mixture and fusion)."""
-        layout = TokenLayout.from_masks(available, padding)
         active = [m for m in MODALITIES if layout.count(m) > 0]
         h = {m: self.input_drop(self.projections[m](layout.gather(m, features[m])))
              for m in active}  # m -> (N_m, D)
@@ -329,8 +236,9 @@ class MoMKE(nn.Module):
 
         E = len(MODALITIES)
         if self.config.experts == "self":
-            own = lambda m: F.one_hot(torch.tensor(MODALITIES.index(m)), E)  # noqa: E731
-            weights = {m: own(m).to(h[m]).expand(len(h[m]), E) for m in active}
+            own = lambda m: h[m].new_full((len(h[m]),), MODALITIES.index(m),  # noqa: E731
+                                          dtype=torch.long)  # e = m for every token
+            weights = {m: F.one_hot(own(m), E).to(h[m].dtype) for m in active}
             mixed = r  # z_m = r_(m,m)
         else:
             outputs = {e: self._expert(e, h, layout) for e in MODALITIES}  # r_(m,e) = Expert_e(h_m)

@@ -31,7 +31,8 @@ from dataloader.gcnet import MultimodalDataset, read_marker
 from MoMKE import stage1_cache
 from MoMKE.config import TrainConfig, has_stage1, model_options, variant_name
 from MoMKE.metrics import task_metrics
-from MoMKE.model import MODALITIES, ModelConfig, MoMKE
+from MoMKE.layout import TokenLayout
+from MoMKE.model import MODALITIES, PACKING, ModelConfig, MoMKE
 from MoMKE.protocols import CONDITIONS, MissingSetting
 from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, RunLock, epoch_line, experiment_hash,
                           identity_hash, log_result, read_result, run_folder, run_identity)
@@ -252,7 +253,7 @@ class FoldTrainer:
         self.regression = data.spec.is_regression
         self.splits = {"train": list(data.folds[fold].train), "val": list(data.folds[fold].val),
                        "test": list(data.folds[fold].test)}
-        self._eval_batches: dict[tuple[str, str, int], list[Batch]] = {}
+        self._eval_batches: dict[tuple[str, str, int], list[tuple[Batch, TokenLayout]]] = {}
         self.heap = HeapTrimmer()
         fold_seed = config.seed + 1000 * fold
         torch.manual_seed(fold_seed)  # initialisation and dropout
@@ -423,12 +424,26 @@ class FoldTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             for first, last in _chunks(lengths, config.chunk_utterances):
                 rows = slice(sum(lengths[:first]), sum(lengths[:last]))
-                batch = self.builder.build(conversations[first:last], available[rows])
-                with autocast(self.device, config.amp):
-                    output = model(batch.packed_features(), batch.available, batch.padding, stage)
-                collected.add(output, batch, self.regression, counts).backward()
+                self._train_step(*self._assemble(conversations[first:last], available[rows]),
+                                 stage, collected, counts)
             self.optimizer.step()
         return collected.metrics(self.regression)
+
+    def _train_step(self, batch: Batch, layout: TokenLayout, stage: int, collected: _Collector,
+                    counts: dict[str, int]) -> None:
+        """Forward and backward of one chunk; on a GPU it never waits for the device."""
+        with autocast(self.device, self.config.amp):
+            output = self.model(batch.packed_features(), layout, stage)
+        collected.add(output, batch, self.regression, counts).backward()
+
+    def _assemble(self, conversations: list[int], available: torch.Tensor
+                  ) -> tuple[Batch, TokenLayout]:
+        """The batch of `conversations` with its token layout, planned on the host and moved to
+        the device with the batch (MoMKE/layout.py)."""
+        batch = self.builder.build(conversations, available)
+        layout = TokenLayout.from_masks(batch.available, batch.padding,
+                                        PACKING.get(self.device.type, "shared"))
+        return batch, layout.to(self.device)
 
     @torch.inference_mode()
     def _evaluate(self, split: str, stage: int) -> tuple[dict, dict[str, np.ndarray]]:
@@ -443,14 +458,13 @@ class FoldTrainer:
         for setting in self.setting.evaluation_settings(stage):
             collected = _Collector(stage)
             fused = _Collector(2) if fused_too else None
-            for batch in self._evaluation_batches(split, stage, setting):
+            for batch, layout in self._evaluation_batches(split, stage, setting):
                 with autocast(self.device, self.config.amp):
-                    output = self.model(batch.packed_features(), batch.available,
-                                        batch.padding, stage)
+                    output = self.model(batch.packed_features(), layout, stage)
                     collected.add(output, batch, self.regression)
                     if fused is not None:
-                        fused.add(self.model(batch.packed_features(), batch.available,
-                                             batch.padding, 2), batch, self.regression)
+                        fused.add(self.model(batch.packed_features(), layout, 2), batch,
+                                  self.regression)
             results[setting.name] = collected.metrics(self.regression)
             if fused is not None:
                 results[setting.name]["fused"] = fused.metrics(self.regression)
@@ -461,7 +475,8 @@ class FoldTrainer:
             return results, predictions
         return next(iter(results.values())), {VIEW: p for p in predictions.values()}
 
-    def _evaluation_batches(self, split: str, stage: int, setting: MissingSetting) -> list[Batch]:
+    def _evaluation_batches(self, split: str, stage: int, setting: MissingSetting
+                            ) -> list[tuple[Batch, TokenLayout]]:
         """Built once per split, setting and stage: evaluation masks stay fixed across epochs."""
         kind = stage if setting.protocol == "fixed" else 0  # random: the same masks both stages
         key = (split, setting.name, kind)
@@ -474,8 +489,8 @@ class FoldTrainer:
             batches, size = [], self.config.batch_size
             for start in range(0, len(conversations), size):
                 stop = min(start + size, len(conversations))
-                batches.append(self.builder.build(conversations[start:stop],
-                                                  available[bounds[start]:bounds[stop]]))
+                batches.append(self._assemble(conversations[start:stop],
+                                              available[bounds[start]:bounds[stop]]))
             self._eval_batches[key] = batches
         return self._eval_batches[key]
 

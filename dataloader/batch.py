@@ -17,11 +17,13 @@ from dataloader.gcnet import MultimodalDataset
 @dataclass
 class Batch:
     """Named, batch-first views of B conversations. Features are gathered from the dataset's
-    tables when read, so a cached evaluation batch holds indices, not copies of the features."""
+    tables when read, so a cached evaluation batch holds indices, not copies of the features.
+    `rows`, `labels` and the tables are on the batch's device; the masks stay on the host, where
+    the model's token layout is planned from them (MoMKE/layout.py)."""
 
     rows: Tensor  # (B, L) long: dataset row of each slot; padded slots point at a zero row
-    available: Tensor  # (B, L, M) bool, True = the modality is observed
-    padding: Tensor  # (B, L) bool, True = a padded slot, not an utterance
+    available: Tensor  # (B, L, M) bool, True = the modality is observed; on the host
+    padding: Tensor  # (B, L) bool, True = a padded slot, not an utterance; on the host
     labels: Tensor  # (B, L) float32 (regression) or int64 (classes); 0 at padded slots
     conversations: list[int]  # indices into the dataset's conversations
     tables: dict[str, Tensor]  # modality -> (N + 1, d) features of the whole dataset
@@ -70,7 +72,8 @@ class BatchBuilder:
         self.padding_row = data.num_utterances
 
     def build(self, conversations: Sequence[int], available: Tensor) -> Batch:
-        """`available` (n, M) bool for the utterances of `conversations`, concatenated in order."""
+        """`available` (n, M) bool (host) for the utterances of `conversations`, concatenated in
+        order. On a GPU the row indices travel through pinned memory without a wait."""
         conversations = list(conversations)
         lengths = self.lengths[conversations]
         length = int(lengths.max())
@@ -80,9 +83,8 @@ class BatchBuilder:
                            self.padding_row)
         padded_available = torch.zeros(*real.shape, available.shape[1], dtype=torch.bool)
         padded_available[real] = available
-        padding = ~real
-        rows = rows.to(self.device, non_blocking=True)
-        return Batch(rows=rows, available=padded_available.to(self.device, non_blocking=True),
-                     padding=padding.to(self.device, non_blocking=True),
+        if self.device.type != "cpu":
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        return Batch(rows=rows, available=padded_available, padding=~real,
                      labels=self.labels[rows], conversations=conversations,
                      tables=self.features)

@@ -98,7 +98,7 @@ def test_unified_model_is_evaluated_on_the_per_condition_runs_masks(tiny_root, t
     per_rate = _trainer(tiny_root, tmp_path, setting=MissingSetting("random", rate=0.3))
     ours = unified._evaluation_batches("test", 2, MissingSetting("random", rate=0.3))
     theirs = per_rate._evaluation_batches("test", 2, per_rate.setting)
-    assert all(torch.equal(a.available, b.available) for a, b in zip(ours, theirs))
+    assert all(torch.equal(a.available, b.available) for (a, _), (b, _) in zip(ours, theirs))
 
 
 def test_sweep_runs_unified_and_ablations_into_one_report(tiny_root, tmp_path):

@@ -37,7 +37,7 @@ def test_hand_count_equals_torch_flop_counter(stage, experts):
     available = torch.ones(3, 4, 3, dtype=torch.bool)
     padding = torch.zeros(3, 4, dtype=torch.bool)
     layout = TokenLayout.from_masks(available, padding)
-    assert counted_flops(model, features, available, padding, stage) == \
+    assert counted_flops(model, features, layout, stage) == \
         model_flops(layout, config, stage)
 
 

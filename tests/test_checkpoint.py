@@ -8,6 +8,7 @@ import torch
 
 from dataloader.batch import BatchBuilder
 from dataloader.gcnet import load_dataset
+from MoMKE.layout import TokenLayout
 from MoMKE.metrics import task_metrics
 from MoMKE.model import ModelConfig, MoMKE
 from MoMKE.protocols import MissingSetting
@@ -39,7 +40,8 @@ def test_checkpoint_reproduces_the_best_on_validation_test_metrics(tiny_root, tm
         for start in range(0, len(test), size):
             stop = min(start + size, len(test))
             batch = builder.build(test[start:stop], available[bounds[start]:bounds[stop]])
-            output = model(batch.features, batch.available, batch.padding, stage=2)
+            output = model(batch.features, TokenLayout.from_masks(batch.available, batch.padding),
+                           stage=2)
             predictions.append(output.fused)
             targets.append(batch.targets(output.layout.valid))
     metrics = task_metrics(torch.cat(predictions).numpy(), torch.cat(targets).numpy(),

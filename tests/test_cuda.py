@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from MoMKE.layout import TokenLayout
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE
 from MoMKE.runtime import autocast
 from MoMKE.train import main
@@ -21,14 +22,15 @@ def test_gpu_forward_matches_cpu_and_amp_stays_close():
     padding = torch.arange(9)[None, :] >= torch.tensor([9, 4, 6])[:, None]
     available = torch.rand(3, 9, 3) < 0.7
     available[..., 0] |= ~available.any(-1)
-    cpu = model(features, available, padding, 2).fused
+    layout = TokenLayout.from_masks(available, padding)
+    cpu = model(features, layout, 2).fused
     device = torch.device("cuda")
     model = model.to(device)
     on_gpu = {m: x.to(device) for m, x in features.items()}
     with torch.inference_mode():
-        fp32 = model(on_gpu, available.to(device), padding.to(device), 2).fused
+        fp32 = model(on_gpu, layout.to(device), 2).fused
         with autocast(device, True):
-            bf16 = model(on_gpu, available.to(device), padding.to(device), 2).fused
+            bf16 = model(on_gpu, layout.to(device), 2).fused
     torch.testing.assert_close(fp32.cpu(), cpu, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bf16.float().cpu(), cpu, atol=5e-2, rtol=5e-2)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from MoMKE.model import MODALITIES, Attention, BitDropout, ModelConfig, MoMKE, PackedRows
+from MoMKE.layout import PackedRows, TokenLayout
+from MoMKE.model import MODALITIES, Attention, BitDropout, ModelConfig, MoMKE
 
 B, L = 5, 7
 DIMS = (5, 6, 7)
@@ -111,9 +112,37 @@ def _compare(output, literal, available, padding, stage, **tolerance) -> None:
 def test_forward_equals_the_literal_computation(stage, variant):
     model = _model(**variant).eval()
     features, available, padding = _inputs(1)
-    output = model(features, available, padding, stage)
+    output = model(features, TokenLayout.from_masks(available, padding), stage)
     _compare(output, _literal(model, features, available, padding, stage), available, padding,
              stage, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_shared_and_own_rows_give_the_same_outputs_and_gradients(stage):
+    """The CPU's packing (conversations share rows) and the GPU's (one padded row each)."""
+    features, available, padding = _inputs(7)
+    results = []
+    for packing in ("shared", "own"):
+        model = _model()  # training mode, no dropout: deterministic
+        layout = TokenLayout.from_masks(available, padding, packing)
+        output = model(features, layout, stage)
+        predictions = torch.cat(list(output.unimodal.values())) if stage == 1 else output.fused
+        predictions.square().sum().backward()
+        results.append((predictions.detach(), layout.rows,
+                        {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (shared, shared_rows, shared_grads), (own, own_rows, own_grads) = results
+    assert sum(shared_rows.values()) < sum(own_rows.values())  # sharing saves rows here
+    torch.testing.assert_close(own, shared, atol=1e-6, rtol=1e-5)
+    assert shared_grads.keys() == own_grads.keys()
+    for name in shared_grads:
+        torch.testing.assert_close(own_grads[name], shared_grads[name], atol=1e-6, rtol=1e-5,
+                                   msg=name)
+
+
+def test_a_layout_is_planned_from_host_masks_only():
+    features, available, padding = _inputs(1)
+    with pytest.raises(ValueError, match="host masks"):
+        TokenLayout.from_masks(available.to("meta"), padding)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -122,7 +151,7 @@ def test_modalities_with_very_unequal_token_counts_equal_the_literal_computation
     features, available, padding = _inputs(3)
     available[..., 2] = False
     available[0, 0, 2] = True  # visual observed once in the whole batch
-    output = model(features, available, padding, stage)
+    output = model(features, TokenLayout.from_masks(available, padding), stage)
     _compare(output, _literal(model, features, available, padding, stage), available, padding,
              stage, atol=1e-5, rtol=1e-5)
 
@@ -133,7 +162,7 @@ def test_gradients_equal_the_literal_computation(stage, variant):
     model = _model(**variant)  # training mode, no dropout: both paths are deterministic
     features, available, padding = _inputs(2)
     observed = available & ~padding[..., None]
-    output = model(features, available, padding, stage)
+    output = model(features, TokenLayout.from_masks(available, padding), stage)
     packed = sum(o.square().sum() for o in output.unimodal.values()) if stage == 1 \
         else output.fused.square().sum()
     packed.backward()
@@ -154,21 +183,21 @@ def test_gradients_equal_the_literal_computation(stage, variant):
 def test_missing_and_padded_features_do_not_change_predictions():
     model = _model().eval()
     features, available, padding = _inputs(3)
-    before = model(features, available, padding, 2).fused
+    before = model(features, TokenLayout.from_masks(available, padding), 2).fused
     changed = {m: x.clone() for m, x in features.items()}
     for i, m in enumerate(MODALITIES):
         hidden = ~available[..., i] | padding  # what the model must not see
         changed[m][hidden] = torch.randn(int(hidden.sum()), changed[m].shape[-1]) * 100
-    torch.testing.assert_close(before, model(changed, available, padding, 2).fused)
+    torch.testing.assert_close(before, model(changed, TokenLayout.from_masks(available, padding), 2).fused)
 
 
 def test_a_missing_modality_does_not_change_another_modalitys_expert_output():
     model = _model().eval()
     features, available, padding = _inputs(4, missing=0.0)
-    full = model(features, available, padding, 1).unimodal["t"]
+    full = model(features, TokenLayout.from_masks(available, padding), 1).unimodal["t"]
     without_audio = available.clone()
     without_audio[..., 0] = False
-    torch.testing.assert_close(full, model(features, without_audio, padding, 1).unimodal["t"])
+    torch.testing.assert_close(full, model(features, TokenLayout.from_masks(without_audio, padding), 1).unimodal["t"])
 
 
 def test_attention_gives_zeros_to_queries_without_valid_keys():
@@ -196,19 +225,19 @@ def test_router_forced_to_own_expert_equals_self_only_experts():
     model = _model().eval()
     features, available, padding = _inputs(5)
     _force_routers(model, {m: e for e, m in enumerate(MODALITIES)})
-    forced = model(features, available, padding, 2)
+    forced = model(features, TokenLayout.from_masks(available, padding), 2)
     for e, m in enumerate(MODALITIES):
         assert torch.all(forced.router_weights[m][:, e] == 1.0)
     self_only = _model(experts="self").eval()
     self_only.load_state_dict(model.state_dict())
-    torch.testing.assert_close(forced.fused, self_only(features, available, padding, 2).fused)
+    torch.testing.assert_close(forced.fused, self_only(features, TokenLayout.from_masks(available, padding), 2).fused)
 
 
 def test_router_forced_to_another_expert_uses_that_experts_output():
     model = _model().eval()
     features, available, padding = _inputs(6)
     _force_routers(model, {m: 2 for m in MODALITIES})  # every modality to the visual expert
-    got = model(features, available, padding, 2).fused
+    got = model(features, TokenLayout.from_masks(available, padding), 2).fused
     observed = available & ~padding[..., None]
     mixed = []
     for i, m in enumerate(MODALITIES):
@@ -251,5 +280,5 @@ def test_features_read_through_a_function_of_positions_equal_padded_features():
     model = _model().eval()
     features, available, padding = _inputs(8)
     rows = {m: (lambda index, x=x: x.reshape(-1, x.shape[-1])[index]) for m, x in features.items()}
-    torch.testing.assert_close(model(rows, available, padding, 2).fused,
-                               model(features, available, padding, 2).fused)
+    torch.testing.assert_close(model(rows, TokenLayout.from_masks(available, padding), 2).fused,
+                               model(features, TokenLayout.from_masks(available, padding), 2).fused)

@@ -9,6 +9,7 @@ import torch
 
 import MoMKE.runtime as runtime
 from MoMKE.config import AMP_CHUNK_UTTERANCES, CHUNK_UTTERANCES, TrainConfig
+from MoMKE.layout import TokenLayout
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE
 from MoMKE.runtime import autocast, compile_experts
 from MoMKE.train import main
@@ -39,9 +40,9 @@ def test_cpu_autocast_runs_matrix_products_in_bf16_and_stays_close_to_fp32(stage
     model = _model().eval()
     features, available, padding = _batch()
     with torch.inference_mode():
-        fp32 = model(features, available, padding, stage)
+        fp32 = model(features, TokenLayout.from_masks(available, padding), stage)
         with autocast(CPU, True):
-            bf16 = model(features, available, padding, stage)
+            bf16 = model(features, TokenLayout.from_masks(available, padding), stage)
     if stage == 1:
         for m in fp32.unimodal:
             assert bf16.unimodal[m].dtype == torch.bfloat16
@@ -60,7 +61,7 @@ def test_cpu_autocast_keeps_weights_and_their_gradients_in_fp32():
     model = _model().train()
     features, available, padding = _batch()
     with autocast(CPU, True):
-        output = model(features, available, padding, 2)
+        output = model(features, TokenLayout.from_masks(available, padding), 2)
     output.fused.float().square().mean().backward()
     for name, parameter in model.named_parameters():
         assert parameter.dtype == torch.float32, name
@@ -91,17 +92,35 @@ def test_compiled_experts_keep_their_names_and_compute_the_same():
     features, available, padding = _batch()
     names = list(model.state_dict())
     with torch.inference_mode():
-        eager = model(features, available, padding, 2).fused
+        eager = model(features, TokenLayout.from_masks(available, padding), 2).fused
         compile_experts(model)
-        compiled = model(features, available, padding, 2).fused
+        compiled = model(features, TokenLayout.from_masks(available, padding), 2).fused
         # another batch shape: dynamic shapes, no error and still the same computation
         other = _batch(seed=1)
-        again = model(*other, 2).fused
+        again = model(other[0], TokenLayout.from_masks(*other[1:]), 2).fused
     assert list(model.state_dict()) == names
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
     for expert in model.experts.values():
         expert._compiled_call_impl = None  # back to eager for the reference
-    torch.testing.assert_close(again, model(*other, 2).fused, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again, model(other[0], TokenLayout.from_masks(*other[1:]), 2).fused, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_training_draws_the_same_dropout_masks_as_eager():
+    """Under torch.compile the CPU dropout mask comes from the same generator (an opaque operator
+    instead of the compiler's own random stream), so a compiled training pass equals eager."""
+    torch.manual_seed(0)
+    model = MoMKE(ModelConfig(input_dims=(6, 7, 8), num_outputs=4, hidden=16, depth=1,
+                              drop_rate=0.5, bit_dropout=True)).train()
+    features, available, padding = _batch()
+    layout = TokenLayout.from_masks(available, padding)
+    outputs = []
+    for compiled in (False, True):
+        if compiled:  # aot_eager traces what inductor would compile, without generating C++
+            for expert in model.experts.values():
+                expert.compile(dynamic=True, backend="aot_eager", fullgraph=True)
+        torch.manual_seed(1)
+        outputs.append(model(features, layout, 1).unimodal["t"])
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
 
 
 def test_a_sweep_with_amp_on_a_cpu_without_bf16_finds_its_own_complete_runs(tiny_root, tmp_path,
