@@ -9,25 +9,32 @@ Each mode is one way of running the same model: fp32; amp (bfloat16 autocast, `-
 own subprocess, so its peak memory and compilation are its own.
 
 Measured on the synthetic datasets at the real sizes (generated into --data-root when absent) with
-the paper's hyperparameters. Each dataset runs in its own subprocess, so its peak memory is its
-own. Printed per dataset: seconds per epoch of stage 1 and of stage 2 (all seven conditions, and
+the paper's hyperparameters. Printed per dataset: seconds per epoch of stage 1 and of stage 2 (all seven conditions, and
 two missing rates), utterances per second, achieved model GFLOP/s against this machine's fp32
 matmul throughput measured in the same run at the model's shapes, the share of compute the padded
 official computation spends on padding (and the share left here), peak memory, and the projected
 wall time of each run script at the paper's epochs, with and without stage-1 reuse, and the floor:
 the same figures with every model FLOP run at the measured matmul throughput, fp32 and bfloat16
 (the two floors). A mode's first epoch includes its compilation: reported as compile seconds and
-added to the projected wall times. The official implementation's figures come from the speed
-issues (measured on this machine kind by their authors); they are quoted, not measured here.
+added to the projected wall times. With `--official-code PATH` the official implementation runs
+in the same invocation (fold 1, the same epochs) and the ratios use its measured seconds; without
+it they use the figures quoted from the speed issues (another day on this machine kind).
+
+What is timed is what the run scripts pay: real runs (`MoMKE.trainer.run`: run folder, epoch log,
+checkpoint, predictions, stage-1 cache) in a temporary output folder, one warm-up and `--epochs`
+measured epochs per stage, medians; a run's cost beyond its epochs is its overhead.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import io
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -45,7 +52,7 @@ from MoMKE.protocols import CONDITIONS, RATES
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE, TokenLayout
 from MoMKE.protocols import MissingSetting
 from MoMKE.runtime import bf16_supported, peak_memory, resolve_device
-from MoMKE.trainer import FoldTrainer
+from MoMKE.trainer import FoldTrainer, as_run_on, run
 
 # The official implementation on this machine kind (2 cores, no GPU), from the speed issues:
 # seconds per epoch (stage 1, stage 2 atv) and hours for the seven-condition table at paper
@@ -123,99 +130,108 @@ def _sync(device: torch.device) -> None:
 
 @dataclasses.dataclass
 class EpochCost:
-    seconds: float
-    utterances: int  # processed: training pass plus evaluated splits
-    flops: float  # model FLOPs: 3x forward for training, 1x for evaluation
+    seconds: float  # median of the measured epochs (the first of each stage is a warm-up)
+    utterances: int  # processed per epoch: training pass plus evaluated splits
+    flops: float  # model FLOPs per epoch: 3x forward for training, 1x for evaluation
     real_tokens: int  # utterances of the training batches
     padded_tokens: int  # B x L slots of the training batches (what padded code computes)
     grid_slots: int  # slots of the packed attention grids (per modality, summed): real + holes
     grid_tokens: int  # observed utterances placed in those grids
     first_seconds: float | None = None  # the warm-up epoch, compilation included
+    epochs: int = 0  # how many epochs the median is over
 
 
 class _Meter:
-    """Counts the FLOPs and tokens of every model call while it is active."""
+    """Counts the FLOPs and tokens of every model call, per run and stage, while active (it
+    wraps `MoMKE.forward` of the class: the runs build their own models)."""
 
-    def __init__(self, trainer: FoldTrainer) -> None:
-        self.model = trainer.model
-        self.flops, self.utterances, self.real, self.padded = 0.0, 0, 0, 0
-        self.slots, self.placed = 0, 0
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, int], dict[str, float]] = {}
+        self.run = ""
 
     def __enter__(self) -> "_Meter":
-        forward = type(self.model).forward
+        forward = MoMKE.forward
+        meter = self
 
-        def counted(features, layout, stage):
-            training = self.model.training
-            self.flops += model_flops(layout, self.model.config, stage) * (3 if training else 1)
-            self.utterances += layout.valid.shape[0]
-            if training:
-                self.real += layout.valid.shape[0]
-                self.padded += layout.conversations * layout.length
-                self.slots += sum(layout.rows[m] * layout.length for m in MODALITIES
+        def counted(model, features, layout, stage):
+            c = meter.counts.setdefault((meter.run, stage), dict.fromkeys(
+                ("flops", "utterances", "real", "padded", "slots", "placed"), 0.0))
+            c["flops"] += model_flops(layout, model.config, stage) * (3 if model.training else 1)
+            c["utterances"] += layout.valid.shape[0]
+            if model.training:
+                c["real"] += layout.valid.shape[0]
+                c["padded"] += layout.conversations * layout.length
+                c["slots"] += sum(layout.rows[m] * layout.length for m in MODALITIES
                                   if layout.count(m))
-                self.placed += sum(layout.count(m) for m in MODALITIES)
-            return forward(self.model, features, layout, stage)
+                c["placed"] += sum(layout.count(m) for m in MODALITIES)
+            return forward(model, features, layout, stage)
 
-        self.model.forward = counted  # an instance attribute shadows the method
+        self._forward, MoMKE.forward = forward, counted
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.model.forward
+        MoMKE.forward = self._forward
 
 
-def time_epochs(trainer: FoldTrainer, stage: int, epochs: int, warm_up: bool = True) -> EpochCost:
-    """Mean cost of `epochs` full epochs (training pass, then val and test), after one warm-up
-    epoch (timed apart: it includes compilation) unless `warm_up` is False."""
-    first = None
-    if warm_up:
-        started = time.perf_counter()
-        trainer._epoch(stage, 1, lambda record: None, None)
-        first = time.perf_counter() - started
-    for split in ("val", "test"):  # evaluation batches are built once per run: not timed
-        for setting in trainer.setting.evaluation_settings(stage):
-            if trainer.splits[split]:
-                trainer._evaluation_batches(split, stage, setting)
-    with _Meter(trainer) as meter:
-        _sync(trainer.device)
-        started = time.perf_counter()
-        for epoch in range(epochs):
-            trainer._epoch(stage, epoch + 2, lambda record: None, None)
-        _sync(trainer.device)
-        seconds = (time.perf_counter() - started) / epochs
-    return EpochCost(seconds, meter.utterances // epochs, meter.flops / epochs,
-                     meter.real // epochs, meter.padded // epochs, meter.slots // epochs,
-                     meter.placed // epochs, first)
+def _cost(records: list[dict], counts: dict[str, float]) -> dict:
+    """An EpochCost from one stage's epoch records of a run (trained here, not reused) and what
+    the meter counted over them."""
+    seconds = [r["seconds"] for r in records]
+    n = len(records)
+    return dataclasses.asdict(EpochCost(
+        float(np.median(seconds[1:] if n > 1 else seconds)), int(counts["utterances"] // n),
+        counts["flops"] / n, int(counts["real"] // n), int(counts["padded"] // n),
+        int(counts["slots"] // n), int(counts["placed"] // n), seconds[0], max(n - 1, 1)))
 
 
 def measure(dataset: str, data_root: Path, device: torch.device, epochs: int,
             mode: str = "fp32") -> dict:
     """Everything the report needs for one dataset in one mode (`MODES`), measured in this
-    process."""
+    process on real runs: `MoMKE.trainer.run`, what the run scripts call, with its run folder,
+    epoch log, checkpoints and stage-1 cache, in a temporary output folder. Each stage runs one
+    warm-up epoch and `epochs` measured ones (fold 1); the seven conditions reuse the stage 1 of
+    the first, as in a sweep; two missing rates train their own. Per run, what it costs beyond
+    its epochs (folder, checkpoints, predictions, stage-1 cache) is its overhead."""
     data = load_dataset(dataset, data_root)
     batch, total, stage_epochs = PAPER_SCHEDULE[dataset]
-    config = TrainConfig(dataset=dataset, data_root=str(data_root), device=str(device),
-                         output_dir="/nonexistent", reuse_stage1=False, save_checkpoint=False,
-                         **MODES[mode]).resolved()
     bf16 = bf16_supported(device)
-    builder = BatchBuilder(data, device)
-    trainer = lambda setting: FoldTrainer(config, data, 0, setting, device, builder)  # noqa: E731
-    out = {"dataset": dataset, "mode": mode, "device": str(device), "batch_size": batch,
-           "epochs": total, "stage_epochs": stage_epochs, "folds": len(data.folds),
-           "threads": torch.get_num_threads(), "chunk_utterances": config.chunk_utterances,
-           "bf16": bf16, "amp_ran": config.amp and bf16}
-    fixed = trainer(MissingSetting("fixed", condition="atv"))
-    out["stage1"] = dataclasses.asdict(time_epochs(fixed, 1, epochs))
-    out["stage2"] = {"atv": dataclasses.asdict(time_epochs(fixed, 2, epochs))}
-    out["peak_memory"] = peak_memory(device)  # one run's worth: stage 1 and stage 2
-    for condition in CONDITIONS[:-1]:  # each its own run, as in a sweep (own heap history)
-        run = trainer(MissingSetting("fixed", condition=condition))
-        out["stage2"][condition] = dataclasses.asdict(time_epochs(run, 2, epochs))
-    out["random"] = {}
-    for rate in BENCH_RATES:
-        randomised = trainer(MissingSetting("random", rate=rate))
-        out["random"][str(rate)] = {
-            "stage1": dataclasses.asdict(time_epochs(randomised, 1, 1)),
-            "stage2": dataclasses.asdict(time_epochs(randomised, 2, 1, warm_up=False))}
+    settings = [MissingSetting("fixed", condition=c) for c in ("atv", *CONDITIONS[:-1])] + \
+        [MissingSetting("random", rate=r) for r in BENCH_RATES]
+    with tempfile.TemporaryDirectory() as output, _Meter() as meter:
+        config = TrainConfig(dataset=dataset, data_root=str(data_root), device=str(device),
+                             output_dir=output, epochs=2 * (1 + epochs), stage_epochs=1 + epochs,
+                             folds=[1], **MODES[mode]).resolved()
+        config = as_run_on(config, device)
+        out = {"dataset": dataset, "mode": mode, "device": str(device), "batch_size": batch,
+               "epochs": total, "stage_epochs": stage_epochs, "folds": len(data.folds),
+               "threads": torch.get_num_threads(), "chunk_utterances": config.chunk_utterances,
+               "bf16": bf16, "amp_ran": config.amp, "stage2": {}, "random": {},
+               "overhead_seconds": []}
+        peaks = []
+        for setting in settings:
+            meter.run = setting.name
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            started = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):  # the epoch lines
+                run(config, data, setting, device)
+            wall = time.perf_counter() - started
+            folder = next(Path(output, dataset).glob(f"{setting.name}_seed*/result.json")).parent
+            records = [json.loads(line) for line in (folder / "epochs.jsonl").open()]
+            trained = [r for r in records if not r.get("reused_stage1")]
+            out["overhead_seconds"].append(wall - sum(r["seconds"] for r in trained))
+            peaks.append(max(r["peak_memory_mb"] for r in trained))
+            by_stage = {stage: [r for r in trained if r["stage"] == stage] for stage in (1, 2)}
+            costs = {stage: _cost(rs, meter.counts[setting.name, stage])
+                     for stage, rs in by_stage.items() if rs}
+            if setting.protocol == "random":
+                out["random"][str(setting.rate)] = {"stage1": costs[1], "stage2": costs[2]}
+                continue
+            out["stage2"][setting.condition] = costs[2]
+            if 1 in costs:
+                out["stage1"] = costs[1]
+    out["peak_memory"] = {**peak_memory(device), "peak_memory_mb": max(peaks)}
+    out["overhead"] = float(np.median(out["overhead_seconds"]))
     # What compiling cost: the warm-up epochs' excess over the steady ones (later runs of the
     # same process reuse the compiled code, as the runs of a sweep do).
     out["compile_seconds"] = sum(max(0.0, c["first_seconds"] - c["seconds"])
@@ -226,16 +242,38 @@ def measure(dataset: str, data_root: Path, device: torch.device, epochs: int,
     out["matmul_gflops"] = matmul_throughput(device, config.hidden, tokens)
     out["bf16_matmul_gflops"] = matmul_throughput(device, config.hidden, tokens,
                                                   torch.bfloat16) if bf16 else None
+    if device.type == "cuda":
+        out["gpu_busy"] = gpu_busy(config, data, device)
     return out
+
+
+def gpu_busy(config: TrainConfig, data, device: torch.device) -> dict[str, float]:
+    """One stage-2 atv epoch under the profiler: wall seconds against the seconds the GPU spent
+    in kernels (how much of the epoch the GPU works; the rest it waits for the host)."""
+    from torch.profiler import ProfilerActivity, profile
+    fold = FoldTrainer(config, data, 0, MissingSetting("fixed", condition="atv"), device,
+                       BatchBuilder(data, device))
+    fold._epoch(2, 1, lambda record: None, None)  # warm-up, evaluation batches built
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        fold._epoch(2, 2, lambda record: None, None)
+        torch.cuda.synchronize(device)
+        wall = time.perf_counter() - started
+    kernels = sum(event.self_device_time_total for event in profiler.key_averages()
+                  if event.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+    return {"wall_seconds": wall, "kernel_seconds": kernels}
 
 
 # ----------------------------------------------------------------------------- projection
 
 def projected_seconds(m: dict, *, reuse: bool) -> dict[str, float]:
-    """Wall time of the run script (7 conditions + 8 rates, every fold) at the paper's epochs."""
+    """Wall time of the run script (7 conditions + 8 rates, every fold) at the paper's epochs,
+    one run after another: epochs at their measured seconds plus each run's measured overhead
+    (per fold)."""
     s1, s2 = m["stage_epochs"], m["epochs"] - m["stage_epochs"]
-    stage1 = m["stage1"]["seconds"]
-    conditions = sum(s2 * m["stage2"][c]["seconds"] for c in CONDITIONS)
+    stage1, overhead = m["stage1"]["seconds"], m.get("overhead", 0.0)
+    conditions = sum(s2 * m["stage2"][c]["seconds"] + overhead for c in CONDITIONS)
     table = (1 if reuse else len(CONDITIONS)) * s1 * stage1 + conditions
     points = {0.0: (stage1, m["stage2"]["atv"]["seconds"])}
     points.update({float(r): (v["stage1"]["seconds"], v["stage2"]["seconds"])
@@ -245,7 +283,7 @@ def projected_seconds(m: dict, *, reuse: bool) -> dict[str, float]:
     for rate in RATES:
         s1_cost = np.interp(rate, rates, [points[r][0] for r in rates])
         s2_cost = np.interp(rate, rates, [points[r][1] for r in rates])
-        per_rate += s1 * s1_cost + s2 * s2_cost
+        per_rate += s1 * s1_cost + s2 * s2_cost + overhead
     folds, compiling = m["folds"], m.get("compile_seconds", 0.0)  # compiled once per process
     return {"conditions": table * folds + compiling, "rates": per_rate * folds + compiling,
             "script": (table + per_rate) * folds + compiling}
@@ -320,24 +358,41 @@ def summarise(m: dict) -> list[str]:
                      f"stage 2 atv epoch {floor['stage2']['atv']['seconds']:.2f} s, "
                      f"seven-condition table "
                      f"{projected_seconds(floor, reuse=True)['conditions'] / 60:.1f} min")
-    official = OFFICIAL.get(m["dataset"])
+    lines.append(f"per run beyond its epochs (run folder, checkpoint, predictions, stage-1 "
+                 f"cache): {m.get('overhead', 0.0):.2f} s (median of {len(m.get('overhead_seconds', []))}"
+                 f" runs; in the projections)")
+    if m.get("gpu_busy"):
+        busy = m["gpu_busy"]
+        lines.append(f"GPU: a stage-2 atv epoch of {busy['wall_seconds']:.2f} s wall keeps the GPU "
+                     f"in kernels for {busy['kernel_seconds']:.2f} s "
+                     f"({100 * busy['kernel_seconds'] / busy['wall_seconds']:.0f} %)")
+    official, where = _official(m)
     if official:
         lines.append(
-            f"vs the official implementation (quoted from the speed issues, same machine kind: "
-            f"{official['stage1']} s / {official['stage2']} s): stage 1 "
+            f"vs the official implementation ({where}: {official['stage1']:.2f} s / "
+            f"{official['stage2']:.2f} s per epoch): stage 1 "
             f"x{official['stage1'] / m['stage1']['seconds']:.1f} faster, stage 2 atv "
-            f"x{official['stage2'] / atv['seconds']:.1f} (mean of conditions "
-            f"x{official['stage2'] / mean2:.1f}); seven-condition table "
-            f"{100 * with_reuse['conditions'] / 3600 / official['table_hours']:.1f} % of the "
-            f"official {official['table_hours']} h")
+            f"x{official['stage2'] / atv['seconds']:.1f}")
     return lines
+
+
+def _official(m: dict) -> tuple[dict | None, str]:
+    """The official code's seconds per epoch (stage 1, stage 2 atv): measured in this run when
+    --official-code was given, else the figures quoted from the speed issues."""
+    if m.get("official"):
+        return m["official"], f"measured in this run, {m['official']['threads']} thread(s)"
+    quoted = OFFICIAL.get(m["dataset"])
+    return quoted, "quoted from the speed issues, same machine kind, another day"
 
 
 def compare(figures: list[dict]) -> list[str]:
     """One Markdown table of the modes measured for one dataset, measured in one run."""
-    official = OFFICIAL.get(figures[0]["dataset"])
+    official, where = _official(figures[0])
     lines = [f"== {figures[0]['dataset']}: the modes side by side (seconds per epoch; tables and "
-             f"scripts projected at the paper's epochs, stage 1 reused, compilation included)",
+             f"scripts projected at the paper's epochs, one run at a time, stage 1 reused, "
+             f"compilation included"
+             + (f"; official code {where}: {official['stage1']:.2f} s / {official['stage2']:.2f}"
+                f" s)" if official else ")"),
              "| mode | stage 1 | stage 2 atv | stage 2, mean of 7 | compile | peak MB | "
              "7-condition table | whole script |" + (" vs official (stage 1 / 2 atv) |"
                                                      if official else ""),
@@ -357,6 +412,34 @@ def compare(figures: list[dict]) -> list[str]:
     return lines
 
 
+def measure_official(checkout: Path, dataset: str, data_root: Path, device: torch.device,
+                     epochs: int, threads: int) -> dict:
+    """The official code's seconds per epoch on fold 1, stage 1 and stage 2 atv, at the paper's
+    batch size: one warm-up and `epochs` measured epochs per stage, medians (MoMKE/official.py
+    times its log lines as they arrive)."""
+    from dataloader.gcnet import feature_names_from
+    from MoMKE import official
+    found = official.check_checkout(checkout)
+    official.check_dependencies(found.path)
+    names = feature_names_from()
+    official.check_data(data_root, dataset, names)
+    batch = PAPER_SCHEDULE[dataset][0]
+    with tempfile.TemporaryDirectory() as folder:
+        copy = official.prepare(found, Path(folder), data_root)
+        argv = official.command(dataset=dataset, condition="atv", seed=66,
+                                epochs=2 * (1 + epochs), stage_epochs=1 + epochs,
+                                batch_size=batch, lr=1e-4, l2=1e-5, hidden=256, depth=4,
+                                num_heads=2, drop_rate=0.5, attn_drop_rate=0.0,
+                                feature_names=names, device=str(device))
+        done = official.run(copy, argv, Path(folder) / "official.log",
+                            regression=get_spec(dataset).is_regression, stage_epochs=1 + epochs,
+                            threads=threads, stop_after_folds=1)
+    seconds = {stage: [s for st, _, s in done.folds[0].epoch_seconds if st == stage]
+               for stage in (1, 2)}
+    return {"stage1": float(np.median(seconds[1][1:])), "stage2": float(np.median(seconds[2][1:])),
+            "threads": threads, "commit": found.commit, "peak_rss_mb": done.peak_rss_mb}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m MoMKE.bench", allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0])
@@ -369,6 +452,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="measured epochs per stage after one warm-up (default 2)")
     parser.add_argument("--data-root", type=Path, default=Path("features/synthetic"),
                         help="where the synthetic sets are (generated when absent)")
+    parser.add_argument("--official-code", type=Path, default=None,
+                        help="a checkout of the official MoMKE code: its seconds per epoch are "
+                             "measured in the same run (CMU-MOSI, IEMOCAP-4) and the ratios use "
+                             "them (it needs pandas); without it they use quoted figures")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -386,6 +473,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (args.data_root / spec.folder / spec.label_file).is_file():
             print(f"generating the synthetic {dataset} set into {args.data_root}", flush=True)
             generate(dataset, args.data_root)
+        reference = None
+        if args.official_code is not None:
+            try:
+                reference = measure_official(args.official_code, dataset, args.data_root, device,
+                                             args.epochs, torch.get_num_threads())
+            except ValueError as error:  # OfficialError, DataError: one sentence
+                print(f"error: {error}", file=sys.stderr)
+                return 2
         measured = []
         for mode in modes:
             done = subprocess.run([sys.executable, "-m", "MoMKE.bench", "--worker", dataset,
@@ -395,7 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if done.returncode != 0:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return done.returncode
-            measured.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            measured.append({**json.loads(done.stdout.strip().splitlines()[-1]),
+                             "official": reference})
             print("\n".join(summarise(measured[-1])), flush=True)
         if len(measured) > 1:
             print("\n".join(compare(measured)), flush=True)

@@ -1,8 +1,8 @@
-"""Run the sweep's list of runs as Ray tasks, on this machine or on a cluster; and the summary that
-every executor returns.
+"""Run the sweep's list of runs as Ray tasks, on this machine or on a cluster.
 
-From: issue 7. `MoMKE.sweep.plan` makes the list, `MoMKE.sweep.run_locally` runs it in-process one
-run after another, and `run_on_ray` runs the same list as Ray tasks:
+From: issue 7. `MoMKE.sweep.plan` makes the list (`MoMKE/runplan.py`), `MoMKE.sweep.run_locally`
+and `MoMKE.pool.run_in_pool` run it on this machine, and `run_on_ray` runs the same list as Ray
+tasks:
 
     stage-1 task   one per stage-1 group that two or more pending runs share: trains (or finds)
                    stage 1 of every fold and caches it in <output-dir>/_stage1/
@@ -23,9 +23,9 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -34,38 +34,13 @@ from MoMKE import trainer
 from MoMKE.config import ConfigError, TrainConfig
 from MoMKE.protocols import MissingSetting
 from MoMKE.runlog import setup_console_logging
+from MoMKE.runplan import RunSpec, SweepSummary, pending_runs, shared_stage1
 from MoMKE.runtime import resolve_device
-
-if TYPE_CHECKING:
-    from MoMKE.sweep import RunSpec
 
 log = logging.getLogger("MoMKE")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 INSTALL_RAY = "python -m pip install -r requirements-ray.txt"
-
-
-@dataclass
-class SweepSummary:
-    """What an executor did with a list of runs: trained, complete before, failed (with error)."""
-
-    trained: list[RunSpec] = field(default_factory=list)
-    skipped: list[RunSpec] = field(default_factory=list)
-    failed: list[tuple[RunSpec, str]] = field(default_factory=list)
-
-    def report(self, seconds: float | None = None) -> str:
-        """The counts, then one line per run with its log file (or its error)."""
-        took = "" if seconds is None else f" in {seconds:.1f} s"
-        lines = [f"sweep finished{took}: {len(self.trained)} trained, {len(self.skipped)} "
-                 f"complete before, {len(self.failed)} failed"]
-        lines += [f"  trained  {run.label} (log: {run.log_file})" for run in self.trained]
-        lines += [f"  complete {run.label} (log: {run.log_file})" for run in self.skipped]
-        for run, error in self.failed:
-            log_file = run.log_file
-            where = f"log: {log_file}" if log_file.is_file() else "no run log: it failed before " \
-                                                                  "its run started"
-            lines.append(f"  FAILED {run.label}: {error} ({where})")
-        return "\n".join(lines)
 
 
 def import_ray() -> Any:
@@ -94,7 +69,7 @@ def run_on_ray(runs: Sequence[RunSpec], *, address: str = "local", cpus_per_run:
     ray = import_ray()
     _check_resources(cpus_per_run, gpus_per_run, max_retries, runs)
     summary = SweepSummary()
-    pending = [run for run in runs if run.config.force or not run.is_complete()]
+    pending = pending_runs(runs)
     summary.skipped = [run for run in runs if run not in pending]
     if not pending:
         return summary
@@ -114,8 +89,7 @@ def run_on_ray(runs: Sequence[RunSpec], *, address: str = "local", cpus_per_run:
     finally:
         if connected_here:
             ray.shutdown()
-    summary.trained.sort(key=pending.index)
-    summary.failed.sort(key=lambda item: pending.index(item[0]))
+    summary.sort_like(pending)
     return summary
 
 
@@ -153,15 +127,9 @@ def _submit(ray: Any, pending: list[RunSpec], options: dict, threads: int) -> di
     """Schedule the stage-1 tasks, then the runs; return {ObjectRef: (kind, run, stage1 ref)}."""
     stage1_remote, run_remote = ray.remote(train_stage1_task), ray.remote(train_run_task)
     workdir = os.getcwd()
-    groups: dict[str, list[RunSpec]] = {}
-    for run in pending:
-        if run.stage1_group is not None and run.config.reuse_stage1:
-            groups.setdefault(run.stage1_group, []).append(run)
     refs: dict[Any, tuple] = {}
     stage1_refs = {}
-    for key, members in groups.items():
-        if len(members) < 2:
-            continue  # nobody to share it with: the run trains its own stage 1
+    for key, members in shared_stage1(pending).items():
         first = members[0]
         ref = stage1_remote.options(name=f"stage 1 of {first.label}", **options).remote(
             _with_threads(first.config, threads), first.setting, workdir)

@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from dataloader.datasets import DATASETS, get_spec
+from MoMKE import equivalence
 from MoMKE.config import PAPER_SCHEDULE
 from MoMKE.protocols import CONDITIONS, RATES
 from MoMKE.runlog import experiment_hash
@@ -744,9 +745,9 @@ def arithmetic(config: dict) -> str:
 
 def arithmetic_comparisons(results: Sequence[dict]) -> dict[str, list[str]]:
     """A Markdown comparison per experiment run in float32 and in another arithmetic: every
-    metric of every condition or rate under the three epoch rules, mean ± std over seeds, the
-    difference of means, and whether it stays within the float32 seed spread. Keyed by a file
-    stem (`<dataset>-arithmetic`, with the experiment when a dataset has several)."""
+    metric of every condition or rate under the three epoch rules, seed-paired differences with
+    their interval and verdict (`_arithmetic_table`). Keyed by a file stem
+    (`<dataset>-arithmetic`, with the experiment when a dataset has several)."""
     clusters: dict[tuple[str, str], list[dict]] = {}
     for result in results:
         if "identity" in result and variant(result) == "MoMKE":
@@ -766,6 +767,7 @@ def arithmetic_comparisons(results: Sequence[dict]) -> dict[str, list[str]]:
 
 
 def _arithmetic_table(dataset: str, experiment: str, runs: dict[str, list[dict]]) -> list[str]:
+    """Each other arithmetic against float32, seed by seed (MoMKE/equivalence.py)."""
     spec = get_spec(dataset)
     reference = {row.label: row for row in table_rows(runs["fp32"]) if row.key is not None}
     others = [name for name in sorted(runs) if name != "fp32"]
@@ -777,33 +779,49 @@ def _arithmetic_table(dataset: str, experiment: str, runs: dict[str, list[dict]]
     config = first["config"]
     lines += [f"Schedule: {config['epochs']} epochs ({config['stage_epochs']} of stage 1), "
               f"folds {config.get('folds') or 'all'}; otherwise identical runs. Test-split "
-              f"metrics, a cell is mean ± sample std over seeds (n beside the setting); Δ is "
-              f"the difference of means from float32. 'moved' marks |Δ| larger than the float32 "
-              f"seed std: such an arithmetic is not at parity there.", ""]
-    header = ["setting", "arithmetic", "rule", *(_column(m) for m in spec.metrics)]
-    table, moved, cells = [], 0, 0
+              f"metrics. The unit of evidence is the seed, paired: a seed trains with the same "
+              f"data order, masks and initialisation in both arithmetics. A cell gives the "
+              f"float32 and the other mean over the common seeds (n), then the mean of the "
+              f"per-seed differences (other − float32) with its 95 % t-interval and the verdict: "
+              f"*equivalent* when the interval lies within ±{equivalence.MARGINS['percent']:g} "
+              f"point (accuracy-like metrics, in %) or ±{equivalence.MARGINS['raw']:g} (MAE, "
+              f"Corr), *different* when it excludes zero and reaches beyond that margin, "
+              f"*undecided* otherwise (more seeds would decide).", ""]
+    header = ["setting", "comparison", "rule", *(_column(m) for m in spec.metrics)]
+    table, verdicts = [], {}
     for name in others:
         rows = {row.label: row for row in table_rows(runs[name]) if row.key is not None}
         for label in [label for label in reference if label in rows]:
-            seeds = f"{len(reference[label].results)} / {len(rows[label].results)}"
             for rule in RULES:
-                line = [f"{label} (n {seeds})", f"{name} vs fp32", rule]
+                pairs = _seed_pairs(reference[label], rows[label], rule)
+                if not pairs:
+                    continue
+                line = [f"{label} (n {len(pairs)})", f"{name} − fp32", RULES_SHORT[rule]]
                 for metric in spec.metrics:
-                    base, other = cell(reference[label], rule, metric), cell(rows[label], rule,
-                                                                            metric)
-                    if base is None or other is None:
-                        line.append("n/a")
-                        continue
-                    delta = other[0] - base[0]
-                    outside = abs(delta) > base[1]
-                    moved, cells = moved + outside, cells + 1
-                    line.append(f"{_fmt(base, metric)} → {_fmt(other, metric)} "
-                                f"(Δ {delta:+.{2 if metric in PERCENT_METRICS else 3}f}"
-                                f"{', moved' if outside else ''})")
+                    scale = 100.0 if metric in PERCENT_METRICS else 1.0
+                    base = [scale * _num(a[metric]) for a, _ in pairs]
+                    other = [scale * _num(b[metric]) for _, b in pairs]
+                    comparison = equivalence.paired(base, other, equivalence.margin_of(metric))
+                    verdicts[comparison.verdict] = verdicts.get(comparison.verdict, 0) + 1
+                    digits = 2 if metric in PERCENT_METRICS else 3
+                    line.append(f"{np.mean(base):.{digits}f} → {np.mean(other):.{digits}f}; "
+                                f"{equivalence.describe(comparison, metric)}")
                 table.append(line)
     lines += _table(header, table)
-    lines += ["", f"{moved} of {cells} cells moved by more than the float32 seed std."]
+    counts = ", ".join(f"{verdicts.get(v, 0)} {v}" for v in ("equivalent", "undecided",
+                                                             "different"))
+    lines += ["", f"Verdicts over {sum(verdicts.values())} cells: {counts}."]
     return lines
+
+
+RULES_SHORT = {"best_test": "best-on-test", "best_val": "best-on-validation", "last": "last"}
+
+
+def _seed_pairs(reference: Row, other: Row, rule: str) -> list[tuple[dict, dict]]:
+    """(reference, other) test metrics at `rule` for every seed both rows ran, by seed."""
+    mine = {r["seed"]: r["test"][rule] for r in reference.results if r["test"][rule] is not None}
+    theirs = {r["seed"]: r["test"][rule] for r in other.results if r["test"][rule] is not None}
+    return [(mine[seed], theirs[seed]) for seed in sorted(mine) if seed in theirs]
 
 
 def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_corr: str = "auto",

@@ -7,9 +7,10 @@ From: SPEC §7. The sweep plans a list of runs (one per seed and condition or ra
 whose run folder holds a complete result, and runs the rest; a run interrupted half-way has no
 `result.json` and is trained again from its start. Runs that share a stage 1 (every fixed
 condition of a seed; each rate of a seed) are planned next to each other, so the first trains it
-and the others reuse it from `<output-dir>/_stage1/`. The list runs in this process one run after
-another (`--launcher local`) or as Ray tasks (`--launcher ray`, `MoMKE/executors.py`), with the
-same files and the same numbers. The run scripts call this module.
+and the others reuse it from `<output-dir>/_stage1/`. The list runs on this machine, several runs
+at once in worker processes (`--launcher local --jobs K`, `MoMKE/pool.py`; `--jobs 1`: one after
+another in this process), or as Ray tasks (`--launcher ray`, `MoMKE/executors.py`), with the same
+files; numbers agree to the bit at equal `--threads`. The run scripts call this module.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import logging
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,48 +30,17 @@ from dataloader.synthetic import generate
 from MoMKE import report, stage1_cache, trainer
 from MoMKE.config import ABLATIONS
 from MoMKE.config import ConfigError, TrainConfig, check_seed, parse_config
-from MoMKE.executors import SweepSummary, import_ray, run_on_ray
-from MoMKE.protocols import MissingSetting, settings_from
-from MoMKE.runlog import (RunFolder, RunLocked, check_output_dir, read_result, run_folder,
-                          run_identity, setup_console_logging)
+from MoMKE.executors import import_ray, run_on_ray
+from MoMKE.pool import available_cores, default_jobs, probe_cuda_peak, run_in_pool
+from MoMKE.protocols import settings_from
+from MoMKE.runlog import RunLocked, check_output_dir, setup_console_logging
+from MoMKE.runplan import RunSpec, SweepSummary, pending_runs
 from MoMKE.runtime import resolve_device
 from MoMKE.trainer import Diverged
 
 log = logging.getLogger("MoMKE")
 
 SYNTHETIC_ROOT = "synthetic"  # below the data root: features/synthetic/
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training of the sweep: a single seed and a single condition or rate."""
-
-    config: TrainConfig
-    setting: MissingSetting
-    fingerprint: str  # of the data the run reads (`dataloader.gcnet.data_fingerprint`)
-
-    @property
-    def folder(self) -> Path:
-        return run_folder(self.config, self.setting, self.fingerprint)
-
-    @property
-    def log_file(self) -> Path:
-        """The run log: of the failed or running attempt when there is one, else the result's."""
-        return RunFolder(self.folder, "").log_file
-
-    @property
-    def label(self) -> str:
-        variant = "" if self.config.ablation == "none" else f" [{self.config.ablation}]"
-        return f"{self.config.dataset} {self.setting.name}{variant} seed {self.config.seed}"
-
-    @property
-    def stage1_group(self) -> str | None:
-        """Runs of one group share a stage 1 (trained by the first, reused by the others)."""
-        return stage1_cache.group_key(self.config, self.setting)
-
-    def is_complete(self) -> bool:
-        identity = run_identity(self.config, self.setting, self.fingerprint)
-        return read_result(self.folder, identity) is not None
 
 
 def plan(config: TrainConfig, seeds: Sequence[int], *, unified: str | None = None,
@@ -101,7 +70,7 @@ def plan(config: TrainConfig, seeds: Sequence[int], *, unified: str | None = Non
 def run_locally(runs: Sequence[RunSpec]) -> SweepSummary:
     """The in-process executor: one run after another, the dataset loaded once."""
     summary = SweepSummary()
-    pending = [run for run in runs if run.config.force or not run.is_complete()]
+    pending = pending_runs(runs)
     summary.skipped = [run for run in runs if run not in pending]
     if not pending:
         return summary
@@ -164,8 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --report: 95 %% bootstrap intervals and paired comparisons "
                              "in the tables (the run scripts set this; --no-ci drops them)")
     parser.add_argument("--launcher", choices=["local", "ray"], default="local",
-                        help="local: the runs one after another in this process (default); ray: "
+                        help="local: the runs on this machine, --jobs at once (default); ray: "
                              "each run a Ray task, in parallel (needs requirements-ray.txt)")
+    parser.add_argument("--jobs", default="auto",
+                        help="with --launcher local: runs trained at once, each in its own "
+                             "process pinned to its share of the cores (or sharing the GPU); "
+                             "auto: one per core (per --threads cores when given) as far as half "
+                             "of the memory holds them, on a GPU as far as half of its memory "
+                             "holds them at one run's measured peak; 1: one run after another in "
+                             "this process with all cores (default: auto)")
     parser.add_argument("--ray-address", default="local",
                         help="with --launcher ray: local (default: start a Ray instance on this "
                              "machine with its cores), auto (join the cluster `ray start` began "
@@ -197,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = resolve_data_root(config, args.synthetic_fallback)
         runs = plan(config, seeds, unified=None if args.unified == "none" else args.unified,
                     ablations=_ablations(args.ablations))
+        jobs, threads = _jobs(args.jobs, config, runs) if args.launcher == "local" else (1, 0)
     except (ConfigError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -207,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = run_on_ray(runs, address=args.ray_address, cpus_per_run=args.cpus_per_run,
                                  gpus_per_run=args.gpus_per_run, max_retries=args.max_retries)
         else:
-            summary = run_locally(runs)
+            summary = run_in_pool(runs, jobs, threads) if jobs > 1 else run_locally(runs)
     except (DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -218,6 +195,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tables != 0:
             return tables
     return 1 if summary.failed else 0
+
+
+def _jobs(text: str, config: TrainConfig, runs: Sequence[RunSpec]) -> tuple[int, int]:
+    """(runs at once, torch threads of each) for the local launcher, said in the log."""
+    pending = pending_runs(runs)
+    if text == "auto":
+        device = resolve_device(config.device)
+        peak = None
+        if device.type == "cuda" and len(pending) > 1:
+            data = load_dataset(config.dataset, config.data_root, feature_names_from(
+                config.audio_feature, config.text_feature, config.video_feature))
+            peak = probe_cuda_peak(config, data, device)
+        jobs, why = default_jobs(config.dataset, device, config.threads, peak)
+    else:
+        try:
+            jobs = int(text)
+        except ValueError:
+            jobs = 0
+        if jobs < 1:
+            raise ConfigError(f"--jobs {text!r} must be auto or a positive number of runs.")
+        why = f"{jobs} run(s) at once (--jobs {jobs})"
+    jobs = min(jobs, max(1, len(pending)))
+    threads = config.threads or max(1, available_cores() // jobs)
+    if jobs > 1:
+        log.info("sweep: %s; %d torch thread(s) per run", why, threads)
+    return jobs, threads
 
 
 def _ablations(text: str) -> list[str]:

@@ -436,6 +436,22 @@ class FoldTrainer:
             output = self.model(batch.packed_features(), layout, stage)
         collected.add(output, batch, self.regression, counts).backward()
 
+    def probe_step(self) -> None:
+        """One stage-2 training step on the largest chunk of the longest training conversations,
+        complete data: what a run's peak memory is measured by before several runs share a GPU
+        (`MoMKE/pool.py`)."""
+        lengths = self.builder.lengths
+        conversations = sorted(self.splits["train"], key=lambda c: -int(lengths[c]))
+        conversations = conversations[:self.config.batch_size]
+        first, last = _chunks(lengths[conversations].tolist(), self.config.chunk_utterances)[0]
+        conversations = conversations[first:last]  # the largest chunk a run computes at once
+        utterances = int(lengths[conversations].sum())
+        available = torch.ones(utterances, len(MODALITIES), dtype=torch.bool)
+        self.model.train()
+        self._train_step(*self._assemble(conversations, available), 2, _Collector(2),
+                         {"fused": utterances, "batch": utterances})
+        self.optimizer.step()
+
     def _assemble(self, conversations: list[int], available: torch.Tensor
                   ) -> tuple[Batch, TokenLayout]:
         """The batch of `conversations` with its token layout, planned on the host and moved to

@@ -128,10 +128,29 @@ def test_runs_that_differ_only_in_arithmetic_are_compared_with_float32(tmp_path)
         "IEMOCAPFour-arithmetic.md", "IEMOCAPFour-synthetic-bf16.md",
         "IEMOCAPFour-synthetic-fp32.md"]
     text = (tmp_path / "out" / "IEMOCAPFour-arithmetic.md").read_text()
-    # WA at the best-on-test epoch: fp32 71.00 ± 1.00, bf16 70.83 ± 2.02; Δ -0.17 is within 1.00
-    line = next(line for line in text.splitlines() if "| bf16 vs fp32 | best_test |" in line)
-    assert line.startswith("| atv (n 3 / 3) |")
-    assert "71.00 ± 1.00 → 70.83 ± 2.02 (Δ -0.17)" in line
-    assert "SYNTHETIC DATA" in text and "cells moved by more than the float32 seed std" in text
+    # WA at the best-on-test epoch, seed by seed: differences +0.5, +1.0, -2.0 points; mean -0.17,
+    # sample std 1.607, t(2) = 4.303: half-width 4.303 * 1.607 / sqrt(3) = 3.99
+    line = next(line for line in text.splitlines() if "| bf16 − fp32 | best-on-test |" in line)
+    assert line.startswith("| atv (n 3) |")
+    assert "71.00 → 70.83; -0.17 [-4.16, +3.83] undecided" in line
+    assert "SYNTHETIC DATA" in text and "Verdicts over" in text and "moved" not in text
     assert "Arithmetic: bfloat16 autocast (--amp)" in \
         next(p for p in written if p.name.endswith("bf16.md")).read_text()
+
+
+def test_equivalence_verdicts_follow_the_interval_and_the_margin():
+    from MoMKE.equivalence import paired, verdict, welch
+    assert verdict(-0.4, 0.6, 1.0) == "equivalent"
+    assert verdict(0.2, 1.4, 1.0) == "different"  # excludes zero, beyond the margin
+    assert verdict(0.2, 0.9, 1.0) == "equivalent"  # a real but small difference
+    assert verdict(-0.5, 1.4, 1.0) == "undecided"
+    same = paired([1.0, 2.0, 3.0], [1.1, 2.1, 3.1], 1.0)
+    assert same.difference == pytest.approx(0.1) and same.low == pytest.approx(0.1)
+    assert same.verdict == "equivalent"
+    # Welch: equal variances and sizes give the pooled t-interval on 2n - 2 degrees of freedom
+    from scipy.stats import ttest_ind
+    a, b = [70.0, 71.0, 72.5, 69.0], [71.0, 73.0, 72.0, 74.5]
+    comparison = welch(a, b, 1.0)
+    assert comparison.difference == pytest.approx(2.0)
+    test = ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert (comparison.low, comparison.high) == pytest.approx((test.low, test.high))
