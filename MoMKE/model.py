@@ -236,9 +236,9 @@ class MoMKE(nn.Module):
 
         E = len(MODALITIES)
         if self.config.experts == "self":
-            own = lambda m: h[m].new_full((len(h[m]),), MODALITIES.index(m),  # noqa: E731
-                                          dtype=torch.long)  # e = m for every token
-            weights = {m: F.one_hot(own(m), E).to(h[m].dtype) for m in active}
+            weights = {m: h[m].new_zeros(len(h[m]), E) for m in active}
+            for m in active:
+                weights[m][:, MODALITIES.index(m)] = 1.0  # each token on its own expert
             mixed = r  # z_m = r_(m,m)
         else:
             outputs = {e: self._expert(e, h, layout) for e in MODALITIES}  # r_(m,e) = Expert_e(h_m)

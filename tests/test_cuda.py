@@ -41,3 +41,51 @@ def test_training_runs_on_the_gpu(tiny_root, tmp_path):
                  str(tmp_path), "--epochs", "2", "--hidden", "8", "--depth", "1",
                  "--device", "cuda", "--amp"]) == 0
     assert "cuda" in next(tmp_path.glob("CMUMOSI/*/epochs.jsonl")).read_text()
+
+
+@cuda
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_training_step_on_the_gpu_never_waits_for_it(tiny_root, tmp_path, stage):
+    """Batch assembly (the layout planned on the host, moved through pinned memory), forward,
+    loss, backward and the Adam step under sync debug mode "error": any host-device
+    synchronisation raises."""
+    from dataloader.batch import BatchBuilder
+    from dataloader.gcnet import load_dataset
+    from MoMKE.protocols import MissingSetting
+    from MoMKE.trainer import FoldTrainer, _Collector
+    from tests.conftest import tiny_config
+    config = tiny_config(tiny_root, tmp_path, device="cuda", reuse_stage1=False)
+    data = load_dataset(config.dataset, config.data_root)
+    device = torch.device("cuda")
+    trainer = FoldTrainer(config, data, 0, MissingSetting("random", rate=0.3), device,
+                          BatchBuilder(data, device))
+    conversations = trainer.splits["train"][:config.batch_size]
+    lengths = trainer.builder.lengths[conversations].tolist()
+    available = trainer.setting.training_availability(stage, lengths, trainer.generator)
+    counts = {"fused": sum(lengths), "batch": sum(lengths),
+              **{m: int(available[:, i].sum()) for i, m in enumerate(MODALITIES)}}
+    trainer.model.train()
+    for step in range(2):  # the second step runs with every allocation cached
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer._train_step(*trainer._assemble(conversations, available), stage,
+                                _Collector(stage), counts)
+            trainer.optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert all(p.isfinite().all() for p in trainer.model.parameters())
+
+
+@cuda
+def test_several_runs_share_the_gpu(tiny_root, tmp_path):
+    from MoMKE import pool, sweep
+    from tests.conftest import tiny_config
+    config = tiny_config(tiny_root, tmp_path, device="cuda", test_condition=["a", "atv"])
+    summary = pool.run_in_pool(sweep.plan(config, [3]), jobs=2, threads=1)
+    assert len(summary.trained) == 2 and not summary.failed
+    for folder in tmp_path.glob("CMUMOSI/*/"):
+        if (folder / "epochs.jsonl").is_file():
+            assert '"memory": "peak_cuda_allocated"' in (folder / "epochs.jsonl").read_text()
