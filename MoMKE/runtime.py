@@ -114,7 +114,8 @@ def peak_memory(device: torch.device) -> dict[str, float | str]:
 # Modules that only plan, schedule or present runs: a change to them changes no number, so they
 # are left out of the code version that is part of every run's identity.
 _PRESENTATION = frozenset({"report.py", "plots.py", "uncertainty.py", "bench.py", "sweep.py",
-                           "executors.py"})
+                           "executors.py", "pool.py", "runplan.py", "official.py", "parity.py",
+                           "equivalence.py"})
 
 
 @lru_cache(maxsize=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 RULES = ("best_test", "best_val", "last")
 RULE_LABELS = {"best_test": "best-on-test epoch (paper protocol)",
@@ -66,6 +67,16 @@ class SelectedPredictions:
                 kept = self.best.get((view, rule))
                 if kept is None or split is None or score > kept[0]:
                     self.best[view, rule] = (score, record["epoch"], values)
+
+    def state(self) -> list:
+        """What is kept so far, as plain values and tensors (for the stage-1 cache, which
+        `torch.load(weights_only=True)` reads)."""
+        return [[view, rule, score, epoch, torch.from_numpy(np.ascontiguousarray(values))]
+                for (view, rule), (score, epoch, values) in self.best.items()]
+
+    def load_state(self, state: list) -> None:
+        self.best = {(view, rule): (score, epoch, values.numpy())
+                     for view, rule, score, epoch, values in state}
 
     def arrays(self, records: list[dict]) -> dict[str, np.ndarray]:
         """'<view>__<rule>' -> predictions, checked against `select_epochs` on `records`."""

@@ -2,8 +2,10 @@
 
 From: SPEC §5 (stage 1 sees complete data in the fixed protocol, so all seven conditions share it;
 in the random protocol it depends on the rate). A cached stage 1 holds everything stage 2 starts
-from: the weights after the hand-over, the Adam state, the random-number states, and the stage-1
-epoch records, so a run that reuses it computes exactly what a run retraining it computes.
+from: the weights after the hand-over, the Adam state, the random-number states, the stage-1
+epoch records and the test predictions the selection rules kept from them (with `--select-from
+all` stage-1 epochs are candidates), so a run that reuses it computes exactly what a run
+retraining it computes.
 The key is the run identity restricted to what stage 1 depends on (its settings, the data
 fingerprint, the code version), plus the fold; files live in `<output-dir>/_stage1/`. A file that
 does not load, or holds other keys or shapes than this model's, is retrained with one warning.
@@ -31,7 +33,7 @@ _STAGE1_FIELDS = ("dataset", "audio_feature", "text_feature", "video_feature", "
                   "depth", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate", "bit_dropout",
                   "seed", "amp", "compile", "select_from")
 SNAPSHOT_KEYS = frozenset({"model", "optimizer", "rng_torch", "rng_data", "rng_cuda", "records",
-                           "handover"})
+                           "handover", "selected"})
 
 
 def _stage1_identity(config: TrainConfig, setting: MissingSetting) -> dict:
@@ -90,6 +92,10 @@ def _problem(snapshot: object, model_state: dict[str, torch.Tensor]) -> str | No
             return f"its weight {name} has another shape or dtype than this model's"
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"its weight {name} holds non-finite values"
+    if not isinstance(snapshot["selected"], list) or not all(
+            isinstance(item, list) and len(item) == 5 and isinstance(item[4], torch.Tensor)
+            for item in snapshot["selected"]):
+        return "its kept test predictions are malformed"
     if not isinstance(snapshot["records"], list) or not all(
             isinstance(r, dict) and r.get("stage") == 1 for r in snapshot["records"]):
         return "its epoch records are malformed"

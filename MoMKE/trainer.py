@@ -122,7 +122,7 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
     builder = BatchBuilder(data, device)
     folds = [k - 1 for k in config.folds] if config.folds else range(len(data.folds))
     summaries, seconds, handovers, reused, predictions = [], [], [], [], {}
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for fold in folds:
         name = data.folds[fold].name
         description = f"{data.spec.name} {setting.name} {name} [{data.data_source}]"
@@ -154,7 +154,8 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
         "handover": handovers, "stage1_reused": reused,
         "seconds": {"total": time.perf_counter() - started,
                     "stage1": sum(s["stage1"] for s in seconds),
-                    "stage2": sum(s["stage2"] for s in seconds)},
+                    "stage2": sum(s["stage2"] for s in seconds),
+                    "cpu": time.process_time() - cpu_started},  # this process, all threads
         "data": {"root": str(data.root), "features": data.feature_names, "dims": data.dims,
                  "conversations": len(data.conversation_ids),
                  "utterances": data.num_utterances, "empty_faces": data.empty_faces,
@@ -290,10 +291,6 @@ class FoldTrainer:
         key = stage1_cache.key_for(config, self.data, self.fold, self.setting, self.device)
         cached = stage1_cache.load(config, key, self.model.state_dict()) \
             if config.reuse_stage1 else None
-        if cached is not None and config.select_from == "all":
-            log.info("stage 1 found in the cache, but --select-from all needs its test "
-                     "predictions, which the cache does not keep: training it again")
-            cached = None
         if cached is not None:
             self._restore(cached)
             for record in cached["records"]:
@@ -517,11 +514,12 @@ class FoldTrainer:
                 "rng_torch": torch.get_rng_state(), "rng_data": self.generator.get_state(),
                 "rng_cuda": (torch.cuda.get_rng_state(self.device)
                              if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8)),
-                "records": records, "handover": handover}
+                "records": records, "handover": handover, "selected": self.selected.state()}
 
     def _restore(self, cached: dict) -> None:
         self.model.load_state_dict(cached["model"])
         self.optimizer.load_state_dict(cached["optimizer"])
+        self.selected.load_state(cached["selected"])
         torch.set_rng_state(cached["rng_torch"])
         self.generator.set_state(cached["rng_data"])
         if self.device.type == "cuda":

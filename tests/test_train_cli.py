@@ -141,10 +141,14 @@ def test_unwritable_output_dir_is_refused(tiny_root, tmp_path, capsys):
     assert code == 2 and "--output-dir" in capsys.readouterr().err
 
 
-def test_stage1_reuse_gives_exactly_the_metrics_of_retraining(tiny_root, tmp_path):
-    args = ["--epochs", "4", "--test-condition", "atv,t", "--drop-rate", "0.3"]
+@pytest.mark.parametrize("official", [[], ["--official"]])
+def test_stage1_reuse_gives_exactly_the_metrics_of_retraining(tiny_root, tmp_path, official):
+    """Also with --official, whose selection pool holds the stage-1 epochs: the cache keeps the
+    test predictions they were scored by."""
+    args = ["--epochs", "4", "--test-condition", "atv,t", "--drop-rate", "0.3", *official]
     reused = _run(tiny_root, tmp_path / "reuse", *args)
     retrained = _run(tiny_root, tmp_path / "fresh", *args, "--no-reuse-stage1")
     assert [r["stage1_reused"] for r in reused] == [[False], [True]]
     assert [r["test"] for r in reused] == [r["test"] for r in retrained]
+    assert [r["folds"][0]["stage"] for r in reused] == [r["folds"][0]["stage"] for r in retrained]
     assert not math.isnan(reused[1]["test"]["last"]["acc2"])
