@@ -787,7 +787,8 @@ def _arithmetic_table(dataset: str, experiment: str, runs: dict[str, list[dict]]
               f"point (accuracy-like metrics, in %) or ±{equivalence.MARGINS['raw']:g} (MAE, "
               f"Corr), *different* when it excludes zero and reaches beyond that margin, "
               f"*undecided* otherwise (more seeds would decide).", ""]
-    header = ["setting", "comparison", "rule", *(_column(m) for m in spec.metrics)]
+    metrics = equivalence.HEADLINE[spec.task]
+    header = ["setting", "comparison", "rule", *(_column(m) for m in metrics)]
     table, verdicts = [], {}
     for name in others:
         rows = {row.label: row for row in table_rows(runs[name]) if row.key is not None}
@@ -797,7 +798,7 @@ def _arithmetic_table(dataset: str, experiment: str, runs: dict[str, list[dict]]
                 if not pairs:
                     continue
                 line = [f"{label} (n {len(pairs)})", f"{name} − fp32", RULES_SHORT[rule]]
-                for metric in spec.metrics:
+                for metric in metrics:
                     scale = 100.0 if metric in PERCENT_METRICS else 1.0
                     base = [scale * _num(a[metric]) for a, _ in pairs]
                     other = [scale * _num(b[metric]) for _, b in pairs]

@@ -128,7 +128,8 @@ def test_a_sweep_with_amp_on_a_cpu_without_bf16_finds_its_own_complete_runs(tiny
     from MoMKE import sweep
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
     argv = ["--dataset", "CMUMOSI", "--data-root", str(tiny_root), "--output-dir", str(tmp_path),
-            "--epochs", "2", "--hidden", "8", "--depth", "1", "--device", "cpu", "--amp"]
+            "--epochs", "2", "--hidden", "8", "--depth", "1", "--device", "cpu", "--amp",
+            "--jobs", "1"]  # in this process, where the CPU is patched to lack bfloat16
     assert sweep.main(argv) == 0
     trained_again = []
     monkeypatch.setattr(sweep.trainer, "run", lambda *args: trained_again.append(args))

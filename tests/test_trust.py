@@ -76,7 +76,7 @@ def test_a_sweep_lists_a_diverged_run_among_its_failures_and_goes_on(tiny_root, 
                                                                       monkeypatch, capsys):
     _poison_stage2_loss(monkeypatch, only_condition="a")
     code = sweep.main(["--dataset", "CMUMOSI", "--data-root", str(tiny_root), "--output-dir",
-                       str(tmp_path), "--test-condition", "a,t", *TINY])
+                       str(tmp_path), "--test-condition", "a,t", "--jobs", "1", *TINY])
     assert code == 1
     summary = capsys.readouterr().out
     assert "1 trained, 0 complete before, 1 failed" in summary
