@@ -188,12 +188,6 @@ class OfficialRun:
     log: Path
     stage_epochs: int
 
-    @property
-    def reported(self) -> dict[str, float]:
-        """The reported (best-on-test) metrics, mean over folds, in this project's names."""
-        keys = self.folds[0].reported.keys() if self.folds else ()
-        return {k: sum(f.reported[k] for f in self.folds) / len(self.folds) for k in keys}
-
 
 _NUMBER = r"(-?[\d.]+(?:e-?\d+)?|nan|-?inf)"
 _STAGE1 = re.compile(r"^epoch:(\d+); a_acc_train:([\d.]+); t_acc_train:([\d.]+); "
