@@ -27,7 +27,7 @@ from dataloader.datasets import get_spec
 from dataloader.datasets import DataError
 from dataloader.gcnet import data_fingerprint, feature_names_from, load_dataset
 from dataloader.synthetic import generate
-from MoMKE import report, stage1_cache, trainer
+from MoMKE import report, trainer
 from MoMKE.config import ABLATIONS
 from MoMKE.config import ConfigError, TrainConfig, check_seed, parse_config
 from MoMKE.executors import import_ray, run_on_ray
