@@ -111,11 +111,10 @@ def peak_memory(device: torch.device) -> dict[str, float | str]:
     return {"device": "cpu", "memory": "peak_rss", "peak_memory_mb": peak * scale / 2**20}
 
 
-# Modules that only plan, schedule or present runs: a change to them changes no number, so they
-# are left out of the code version that is part of every run's identity.
-_PRESENTATION = frozenset({"report.py", "plots.py", "uncertainty.py", "bench.py", "sweep.py",
-                           "executors.py", "pool.py", "runplan.py", "official.py", "parity.py",
-                           "equivalence.py"})
+# The code version covers the method and one run: MoMKE/*.py and dataloader/*.py. The floors
+# above (MoMKE/experiments/, MoMKE/results/) only plan, schedule or present runs, and these thin
+# entry points only call them: a change to any of them changes no number.
+_ENTRY_POINTS = frozenset({"report.py", "bench.py", "sweep.py", "parity.py"})
 
 
 @lru_cache(maxsize=1)
@@ -127,7 +126,7 @@ def code_version() -> str:
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in sorted([*(root / "MoMKE").glob("*.py"), *(root / "dataloader").glob("*.py")]):
-        if path.name in _PRESENTATION:
+        if path.name in _ENTRY_POINTS:
             continue
         digest.update(f"{path.parent.name}/{path.name}\n".encode())
         digest.update(path.read_bytes())

@@ -8,11 +8,10 @@ import torch
 
 from dataloader.batch import BatchBuilder
 from dataloader.gcnet import load_dataset
-from MoMKE.protocols import CONDITIONS, RATES, condition_availability
+from MoMKE.experiments.sweep import plan, run_locally
 from MoMKE.model import MODALITIES
-from MoMKE.protocols import MissingSetting
-from MoMKE.report import write_report
-from MoMKE.sweep import plan, run_locally
+from MoMKE.protocols import CONDITIONS, RATES, MissingSetting, condition_availability
+from MoMKE.results.report import write_report
 from MoMKE.trainer import FoldTrainer
 from tests.conftest import tiny_config
 

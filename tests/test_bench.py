@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from MoMKE.bench import at_matmul_peak, counted_flops, model_flops, projected_seconds
-from MoMKE.protocols import CONDITIONS
+from MoMKE.experiments.bench import at_matmul_peak, projected_seconds
+from MoMKE.experiments.throughput import counted_flops, model_flops
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE, TokenLayout
+from MoMKE.protocols import CONDITIONS
 
 
 def test_flops_of_a_tiny_batch_by_hand():
@@ -80,7 +81,7 @@ def test_compilation_counts_once_in_every_projection_and_not_in_the_floors():
 
 
 def test_the_mode_table_has_one_row_per_mode_with_the_official_ratios():
-    from MoMKE.bench import OFFICIAL, compare
+    from MoMKE.experiments.bench import OFFICIAL, compare
     cost = lambda seconds: {"seconds": seconds, "flops": 1e9}  # noqa: E731
     base = {"dataset": "CMUMOSI", "stage1": cost(0.36), "stage2": {c: cost(0.9) for c in CONDITIONS},
             "random": {"0.7": {"stage1": cost(0.3), "stage2": cost(0.8)}}, "stage_epochs": 150,

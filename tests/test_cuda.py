@@ -81,7 +81,7 @@ def test_a_training_step_on_the_gpu_never_waits_for_it(tiny_root, tmp_path, stag
 
 @cuda
 def test_several_runs_share_the_gpu(tiny_root, tmp_path):
-    from MoMKE import pool, sweep
+    from MoMKE.experiments import pool, sweep
     from tests.conftest import tiny_config
     config = tiny_config(tiny_root, tmp_path, device="cuda", test_condition=["a", "atv"])
     summary = pool.run_in_pool(sweep.plan(config, [3]), jobs=2, threads=1)

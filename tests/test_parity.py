@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from MoMKE import official, parity
+from MoMKE.experiments import official, parity
 
 FAKE_TRAIN = '''
 import argparse, os, sys

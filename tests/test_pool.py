@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from MoMKE import pool, sweep
-from MoMKE.report import write_report
+from MoMKE.experiments import pool, sweep
+from MoMKE.results.report import write_report
 from MoMKE.runlog import read_result
 from tests.conftest import tiny_config
 

@@ -125,7 +125,7 @@ def test_compiled_training_draws_the_same_dropout_masks_as_eager():
 
 def test_a_sweep_with_amp_on_a_cpu_without_bf16_finds_its_own_complete_runs(tiny_root, tmp_path,
                                                                               monkeypatch):
-    from MoMKE import sweep
+    from MoMKE.experiments import sweep
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
     argv = ["--dataset", "CMUMOSI", "--data-root", str(tiny_root), "--output-dir", str(tmp_path),
             "--epochs", "2", "--hidden", "8", "--depth", "1", "--device", "cpu", "--amp",

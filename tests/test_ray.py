@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from MoMKE import sweep
-from MoMKE.executors import run_on_ray
-from MoMKE.report import write_report
+from MoMKE.experiments import sweep
+from MoMKE.experiments.ray_executor import run_on_ray
+from MoMKE.results.report import write_report
 from MoMKE.runlog import read_result
 from MoMKE.trainer import torch_threads
 from tests.conftest import tiny_config

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from MoMKE.report import main, write_report
+from MoMKE.results.report import main, write_report
 
 
 def _result(folder, *, dataset, setting, seed, wa, source="synthetic", epochs=200):
@@ -74,9 +74,9 @@ def test_missing_path_is_an_error(tmp_path, capsys, missing):
 
 
 def test_intervals_are_the_conversation_bootstrap_of_the_kept_predictions(tiny_root, tmp_path):
+    from MoMKE.experiments.sweep import plan, run_locally
+    from MoMKE.results.uncertainty import interval
     from tests.conftest import tiny_config
-    from MoMKE.sweep import plan, run_locally
-    from MoMKE.uncertainty import interval
     config = tiny_config(tiny_root, tmp_path / "runs", test_condition=["atv"], epochs=3,
                          stage_epochs=1)
     summary = run_locally(plan(config, [3], ablations=["uniform-router"]))
@@ -139,7 +139,7 @@ def test_runs_that_differ_only_in_arithmetic_are_compared_with_float32(tmp_path)
 
 
 def test_equivalence_verdicts_follow_the_interval_and_the_margin():
-    from MoMKE.equivalence import paired, verdict, welch
+    from MoMKE.results.equivalence import paired, verdict, welch
     assert verdict(-0.4, 0.6, 1.0) == "equivalent"
     assert verdict(0.2, 1.4, 1.0) == "different"  # excludes zero, beyond the margin
     assert verdict(0.2, 0.9, 1.0) == "equivalent"  # a real but small difference

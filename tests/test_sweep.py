@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from MoMKE import sweep
-from MoMKE.report import write_report
+from MoMKE.experiments import sweep
+from MoMKE.results.report import write_report
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,9 @@ import torch
 from dataloader import cache as feature_cache
 from dataloader.datasets import DEFAULT_FEATURES
 from dataloader.gcnet import load_dataset
-from MoMKE import report, sweep, trainer
+from MoMKE import trainer
+from MoMKE.experiments import sweep
+from MoMKE.results import report
 from MoMKE.runlog import RunLock
 from MoMKE.selection import select_epochs
 from MoMKE.train import main

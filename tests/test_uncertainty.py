@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 
 from MoMKE.metrics import classification_metrics, regression_metrics
-from MoMKE.uncertainty import (CLASSIFICATION_METRICS, REGRESSION_METRICS, conversation_weights,
-                               interval, paired_difference, point_metrics, selection_optimism,
-                               weighted_metrics)
+from MoMKE.results.uncertainty import (
+    CLASSIFICATION_METRICS,
+    REGRESSION_METRICS,
+    conversation_weights,
+    interval,
+    paired_difference,
+    point_metrics,
+    selection_optimism,
+    weighted_metrics,
+)
 
 
 def _regression_case(seed: int, n: int = 60) -> tuple[np.ndarray, np.ndarray]:

@@ -33,9 +33,9 @@ from dataloader.batch import BatchBuilder
 from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset
 from MoMKE import trainer
 from MoMKE.config import TrainConfig
+from MoMKE.experiments.plan import RunSpec, SweepSummary, pending_runs, shared_stage1
 from MoMKE.protocols import MissingSetting
 from MoMKE.runlog import RunLocked, setup_console_logging
-from MoMKE.runplan import RunSpec, SweepSummary, pending_runs, shared_stage1
 from MoMKE.runtime import resolve_device
 
 log = logging.getLogger("MoMKE")

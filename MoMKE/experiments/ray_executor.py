@@ -1,7 +1,7 @@
 """Run the sweep's list of runs as Ray tasks, on this machine or on a cluster.
 
-From: issue 7. `MoMKE.sweep.plan` makes the list (`MoMKE/runplan.py`), `MoMKE.sweep.run_locally`
-and `MoMKE.pool.run_in_pool` run it on this machine, and `run_on_ray` runs the same list as Ray
+From: issue 7. `sweep.plan` makes the list (`experiments/plan.py`), `sweep.run_locally`
+and `pool.run_in_pool` run it on this machine, and `run_on_ray` runs the same list as Ray
 tasks:
 
     stage-1 task   one per stage-1 group that two or more pending runs share: trains (or finds)
@@ -32,14 +32,14 @@ import torch
 from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset
 from MoMKE import trainer
 from MoMKE.config import ConfigError, TrainConfig
+from MoMKE.experiments.plan import RunSpec, SweepSummary, pending_runs, shared_stage1
 from MoMKE.protocols import MissingSetting
 from MoMKE.runlog import setup_console_logging
-from MoMKE.runplan import RunSpec, SweepSummary, pending_runs, shared_stage1
 from MoMKE.runtime import resolve_device
 
 log = logging.getLogger("MoMKE")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_RAY = "python -m pip install -r requirements-ray.txt"
 
 

@@ -1,8 +1,8 @@
 """The list of runs a sweep plans, the stage-1 tasks they share, and what an executor did with them.
 
 From: SPEC §7, issue 7 (the Ray executor) and issue 19 (several runs at once on one machine). Every
-executor (`MoMKE.sweep.run_locally` in this process, `MoMKE.pool.run_in_pool` in worker processes,
-`MoMKE.executors.run_on_ray` on a cluster) takes the same `RunSpec`s, trains each stage 1 that
+executor (`experiments.sweep.run_locally` in this process, `experiments.pool.run_in_pool` in worker processes,
+`experiments.ray_executor.run_on_ray` on a cluster) takes the same `RunSpec`s, trains each stage 1 that
 several pending runs share once and before them (`shared_stage1`), and returns a `SweepSummary`.
 """
 from __future__ import annotations

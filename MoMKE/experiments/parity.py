@@ -35,10 +35,11 @@ import numpy as np
 
 from dataloader.datasets import DataError, get_spec
 from dataloader.gcnet import feature_names_from
-from MoMKE import equivalence, official, sweep
 from MoMKE.config import ConfigError, TrainConfig, parse_config
+from MoMKE.experiments import official, sweep
 from MoMKE.protocols import CONDITIONS
-from MoMKE.report import collect
+from MoMKE.results import equivalence
+from MoMKE.results.report import collect
 from MoMKE.runlog import setup_console_logging
 
 log = logging.getLogger("MoMKE")
@@ -134,7 +135,7 @@ def _command(argv: Sequence[str] | None) -> str:
 
 
 def _cores() -> int:
-    from MoMKE.pool import available_cores
+    from MoMKE.experiments.pool import available_cores
     return available_cores()
 
 

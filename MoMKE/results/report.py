@@ -27,12 +27,12 @@ import numpy as np
 import yaml
 
 from dataloader.datasets import DATASETS, get_spec
-from MoMKE import equivalence
 from MoMKE.config import PAPER_SCHEDULE
 from MoMKE.protocols import CONDITIONS, RATES
+from MoMKE.results import equivalence
+from MoMKE.results.uncertainty import SavedRuns
 from MoMKE.runlog import experiment_hash
 from MoMKE.selection import POOLS, RULE_LABELS, RULES, VIEW
-from MoMKE.uncertainty import SavedRuns
 
 # ----------------------------------------------------------------------------- published numbers
 # MoMKE/published_results.yaml: every value comes back with the key of its source, so a table can
@@ -855,7 +855,7 @@ def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_co
         (out / f"{prefix}.csv").write_text(tables[1])
         written += [out / f"{prefix}.md", out / f"{prefix}.csv"]
         if plots:
-            from MoMKE.plots import plot_group  # matplotlib only when plotting
+            from MoMKE.results.plots import plot_group  # matplotlib only when plotting
             written += plot_group(key, members, rows, out, prefix)
     for stem, lines in arithmetic_comparisons(found.results).items():
         (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

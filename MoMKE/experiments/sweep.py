@@ -23,18 +23,22 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
-from dataloader.datasets import get_spec
-from dataloader.datasets import DataError
+from dataloader.datasets import DataError, get_spec
 from dataloader.gcnet import data_fingerprint, feature_names_from, load_dataset
 from dataloader.synthetic import generate
-from MoMKE import report, trainer
-from MoMKE.config import ABLATIONS
-from MoMKE.config import ConfigError, TrainConfig, check_seed, parse_config
-from MoMKE.executors import import_ray, run_on_ray
-from MoMKE.pool import available_cores, default_jobs, probe_cuda_peak, run_in_pool
+from MoMKE import trainer
+from MoMKE.config import ABLATIONS, ConfigError, TrainConfig, check_seed, parse_config
+from MoMKE.experiments.plan import RunSpec, SweepSummary, pending_runs
+from MoMKE.experiments.pool import (
+    available_cores,
+    default_jobs,
+    probe_cuda_peak,
+    run_in_pool,
+)
+from MoMKE.experiments.ray_executor import import_ray, run_on_ray
 from MoMKE.protocols import settings_from
+from MoMKE.results import report
 from MoMKE.runlog import RunLocked, check_output_dir, setup_console_logging
-from MoMKE.runplan import RunSpec, SweepSummary, pending_runs
 from MoMKE.runtime import resolve_device
 from MoMKE.trainer import Diverged
 
