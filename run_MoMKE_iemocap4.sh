@@ -1,21 +1,17 @@
 #!/bin/sh
 # MoMKE on IEMOCAP, 4 classes (emotion; WA, UA, F1, five session folds) at the paper's settings:
-# the fixed-condition table (a, t, v, at, av, tv, atv) and the random missing-rate sweep 0.0-0.7.
-# Time at the paper's epochs on a 2-core laptop CPU (stage 1 trained once per seed and protocol),
-# projected by `python -m MoMKE.bench` from measured epochs: 7.7-11.3 h in fp32 (the same machine
-# kind ran 1.4x slower on one day than another), 6.7 h with PRECISION=bf16 on the slower day; no
-# GPU was measured.
-# Results: saved/IEMOCAPFour/<setting>_seed<seed>_<hash>/ (README, "What a run prints and writes");
-# the tables, with 95 % bootstrap intervals, in saved/IEMOCAPFour/report/, printed at the end.
-# Without features/IEMOCAP/ the synthetic default is generated into features/synthetic/ and used:
-# its numbers are SYNTHETIC and are labelled so.
-# Usage: sh run_MoMKE_iemocap4.sh [MoMKE.sweep and MoMKE.train flags, which win], e.g.
-#   PRECISION=bf16 sh run_MoMKE_iemocap4.sh          # bfloat16 autocast: faster, see README
+# the seven fixed conditions (a, t, v, at, av, tv, atv) and the missing rates 0.0-0.7.
+# Time: about 7.7 h in float32 on a 2-core CPU, code of 2026-12-02 (README, Runtime, row "the
+# whole run script"; projected by `python -m MoMKE.bench` from measured epochs).
+# Results: one folder per run in saved/IEMOCAPFour/ (docs/runs.md); the tables, with 95 % bootstrap
+# intervals, printed at the end and written to saved/IEMOCAPFour/report/. Without features/IEMOCAP/
+# the synthetic default is generated into features/synthetic/ and used, labelled SYNTHETIC.
+# Variables: the hyperparameters below, each settable from the environment, and
+# PRECISION=fp32|bf16 and COMPILE=no|yes: the arithmetic (docs/precision-and-speed.md).
+# Arguments: MoMKE.sweep and MoMKE.train flags, which win over the script's (docs/flags.md), e.g.
 #   EPOCHS=20 STAGE_EPOCHS=10 SEEDS="66 67 68" sh run_MoMKE_iemocap4.sh
 #   sh run_MoMKE_iemocap4.sh --test-condition a,atv --missing-rate ""   # fewer runs
-#   sh run_MoMKE_iemocap4.sh --official            # the official code's choices (README, Differences)
-#   sh run_MoMKE_iemocap4.sh --ablations all --unified any   # beyond the paper
-#   sh run_MoMKE_iemocap4.sh --launcher ray        # runs in parallel (requirements-ray.txt)
+#   PRECISION=bf16 sh run_MoMKE_iemocap4.sh   # bfloat16 autocast: faster
 set -eu
 cd "$(dirname "$0")"
 
@@ -31,11 +27,7 @@ NUM_HEADS=${NUM_HEADS:-2}
 DROP_RATE=${DROP_RATE:-0.5}
 ATTN_DROP_RATE=${ATTN_DROP_RATE:-0.0}
 
-# Arithmetic (README, "Precision and speed"). fp32 (the default): float32 throughout, the
-# reference. bf16: bfloat16 autocast (--amp) on CUDA and on CPUs with bfloat16 in hardware
-# (elsewhere the run says so and is float32); faster, but on synthetic CMU-MOSI (3 seeds) some
-# means moved by more than the seed spread, so it is not the default for paper numbers.
-# COMPILE=yes adds torch.compile of the expert stack (measured: slower on a 2-core CPU).
+# The arithmetic (docs/precision-and-speed.md): fp32 is the default and the reference.
 PRECISION=${PRECISION:-fp32}
 COMPILE=${COMPILE:-no}
 case "$PRECISION" in
