@@ -28,7 +28,7 @@ PAPER_SCHEDULE = {"CMUMOSI": (32, 300, 150), "CMUMOSEI": (32, 100, 50),
 
 
 # Default --chunk-utterances: float32 runs fastest with small chunks on the CPU, bfloat16 matrix
-# products with whole batches (measured: MoMKE.bench, README "Precision and speed").
+# products with whole batches (measured: MoMKE.bench, docs/precision-and-speed.md).
 CHUNK_UTTERANCES, AMP_CHUNK_UTTERANCES = 256, 1024
 
 
@@ -116,7 +116,7 @@ class TrainConfig:
         "bfloat16 autocast of the forward pass, on CUDA and on CPUs with bfloat16 arithmetic in "
         "hardware (AVX-512 BF16, AMX, ARM BF16): weights, optimiser state, softmaxes, losses and "
         "metrics stay float32. Elsewhere it is said once and the run is float32 (and recorded so). "
-        "Parity with float32 and the speed-up: README, 'Precision and speed'", default=False)
+        "Parity with float32 and the speed-up: docs/precision-and-speed.md", default=False)
     compile: bool = _option(
         "torch.compile the expert stack (dynamic shapes: one compilation serves every batch size). "
         "Measured on a 2-core CPU its epochs were slower and it costs 11-50 s of compilation per "

@@ -12,8 +12,8 @@ IEMOCAP (classes):
     ua    mean per-class recall over the classes present in the labels (unweighted accuracy)
     f1    weighted F1
 The official code computes MAE and Corr on non-zero labels only; MMSA and most papers use all
-utterances. Both are kept, under distinct names; the report says which it shows (README,
-"Differences from the official implementation").
+utterances. Both are kept, under distinct names; the report says which it shows
+(docs/differences.md).
 Computed with numpy (scikit-learn's definitions; tests hold them equal to scikit-learn), which
 keeps scikit-learn and SciPy out of the training process's memory.
 """
@@ -36,7 +36,7 @@ def regression_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str,
         "corr": _pearson(predictions, labels),
         "acc7": float(np.mean(np.round(np.clip(predictions, -3, 3)) ==
                               np.round(np.clip(labels, -3, 3)))),
-        # The official code's definitions, for comparison with its logs (README, "Differences").
+        # The official code's definitions, for comparison with its logs (docs/differences.md).
         "mae_nonzero": float(np.mean(np.abs(predictions[non_zero] - labels[non_zero])))
         if non_zero.any() else math.nan,
         "corr_nonzero": _pearson(predictions[non_zero], labels[non_zero]),

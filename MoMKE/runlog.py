@@ -49,7 +49,7 @@ log = logging.getLogger("MoMKE")
 
 # Fields that do not change what a run computes. The data root is replaced by the fingerprint of
 # the data found there; the condition and rate by the setting. Thread count and device change
-# float rounding only (documented in the README), not the experiment.
+# float rounding only (docs/runs.md), not the experiment.
 _NOT_IN_IDENTITY = ("test_condition", "missing_rate", "data_root", "device", "threads",
                     "output_dir", "save_checkpoint", "reuse_stage1", "force", "config")
 VARIANT_FIELDS = ("ablation", "train_missing")  # what tells MoMKE, its ablations and unified apart

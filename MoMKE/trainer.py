@@ -436,7 +436,7 @@ class FoldTrainer:
     def probe_step(self) -> None:
         """One stage-2 training step on the largest chunk of the longest training conversations,
         complete data: what a run's peak memory is measured by before several runs share a GPU
-        (`MoMKE/pool.py`)."""
+        (`MoMKE/experiments/pool.py`)."""
         lengths = self.builder.lengths
         conversations = sorted(self.splits["train"], key=lambda c: -int(lengths[c]))
         conversations = conversations[:self.config.batch_size]

@@ -90,7 +90,7 @@ def _paths(dataset: str, data_root: str | Path,
     if not label_path.is_file():
         raise DataError(
             f"{label_path}: label file not found; unpack the GCNet {spec.folder} data under "
-            f"{Path(data_root)} (see features/README.md) or generate the synthetic set with "
+            f"{Path(data_root)} (see docs/data.md) or generate the synthetic set with "
             f"`python -m dataloader.synthetic --dataset {spec.name} --out {data_root}`.")
     folders = {m: root / "features" / names[m] for m in MODALITIES}
     for m, folder in folders.items():

@@ -353,7 +353,7 @@ def compare(figures: list[dict]) -> list[str]:
 def measure_official(checkout: Path, dataset: str, data_root: Path, device: torch.device,
                      epochs: int, threads: int) -> dict:
     """The official code's seconds per epoch on fold 1, stage 1 and stage 2 atv, at the paper's
-    batch size: one warm-up and `epochs` measured epochs per stage, medians (MoMKE/official.py
+    batch size: one warm-up and `epochs` measured epochs per stage, medians (MoMKE/experiments/official.py
     times its log lines as they arrive)."""
     from dataloader.gcnet import feature_names_from
     from MoMKE.experiments import official

@@ -6,12 +6,12 @@ seeds, and write the table that compares them.
         --out parity/CMUMOSI [--epochs 300 --stage-epochs 150] [--jobs 2 --threads 1]
 
 From: issue 21. For each condition and seed the official code runs from a temporary copy of the
-user's checkout (MoMKE/official.py: its config.py pointed at the data, its own command line with
+user's checkout (MoMKE/experiments/official.py: its config.py pointed at the data, its own command line with
 the run scripts' hyperparameters); then this project runs the same settings twice through the
 sweep, with `--official` (the official code's selection pool, hand-over and MAE/Corr) and with
 its defaults. `parity.md` and `parity.csv` give, per condition and metric, the official mean ± std
 over seeds, ours with `--official` and ours by default; for the `--official` pair the difference
-of means with Welch's 95 % interval over seeds and a verdict (MoMKE/equivalence.py); and the wall
+of means with Welch's 95 % interval over seeds and a verdict (MoMKE/results/equivalence.py); and the wall
 time and peak memory of both codes. The official code numbers its epochs from 0; here every epoch
 is numbered from 1. Official runs are kept under `<out>/official/` and reused when the harness is
 run again with the same command; ours resume as any sweep does.
@@ -284,7 +284,7 @@ def tables(config: TrainConfig, seeds: list[int], checkout: official.OfficialChe
            f"`--official` − official, with Welch's 95 % interval over seeds (two codes share no "
            f"random stream, so seeds are not paired) and the verdict within ±"
            f"{equivalence.MARGINS['percent']:g} point or ±{equivalence.MARGINS['raw']:g} "
-           f"(MoMKE/equivalence.py): equivalent, different, or undecided (more seeds would "
+           f"(MoMKE/results/equivalence.py): equivalent, different, or undecided (more seeds would "
            f"decide).", ""]
     csv_out = io.StringIO()
     writer = csv.writer(csv_out)

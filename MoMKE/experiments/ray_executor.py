@@ -114,7 +114,7 @@ def _task_setup(config: TrainConfig, workdir: str) -> tuple[MultimodalDataset, t
     if not Path(workdir).is_dir():
         raise FileNotFoundError(
             f"node {socket.gethostname()} has no folder {workdir}: run the sweep from a folder "
-            f"that every node sees at the same path (README, 'On a cluster').")
+            f"that every node sees at the same path (docs/cluster.md).")
     os.chdir(workdir)
     # Epoch lines go to run.log only; warnings and errors still reach the driver's console.
     setup_console_logging(logging.WARNING)

@@ -8,8 +8,8 @@ whose run folder holds a complete result, and runs the rest; a run interrupted h
 `result.json` and is trained again from its start. Runs that share a stage 1 (every fixed
 condition of a seed; each rate of a seed) are planned next to each other, so the first trains it
 and the others reuse it from `<output-dir>/_stage1/`. The list runs on this machine, several runs
-at once in worker processes (`--launcher local --jobs K`, `MoMKE/pool.py`; `--jobs 1`: one after
-another in this process), or as Ray tasks (`--launcher ray`, `MoMKE/executors.py`), with the same
+at once in worker processes (`--launcher local --jobs K`, `MoMKE/experiments/pool.py`; `--jobs 1`: one after
+another in this process), or as Ray tasks (`--launcher ray`, `MoMKE/experiments/ray_executor.py`), with the same
 files; numbers agree to the bit at equal `--threads`. The run scripts call this module.
 """
 from __future__ import annotations

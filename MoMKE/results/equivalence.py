@@ -17,7 +17,7 @@ A verdict per difference, for a margin m:
 
 Margins (`MARGINS`): 1.0 point for accuracy-like metrics (Acc2, F1, Acc7, WA, UA) and 0.02 for MAE
 and Corr. Measured on synthetic CMU-MOSI at the paper's epochs, one run's seed std is 0.3-0.8
-points of Acc2/F1 and 0.005-0.03 of MAE/Corr (README, "Precision and speed"); published re-runs of
+points of Acc2/F1 and 0.005-0.03 of MAE/Corr (docs/precision-and-speed.md); published re-runs of
 MoMKE differ by 1-2 points. A margin of one point is below what separates papers and above what
 separates seeds, so a difference inside it changes no conclusion a reader draws from a table.
 """

@@ -35,7 +35,7 @@ from MoMKE.runlog import experiment_hash
 from MoMKE.selection import POOLS, RULE_LABELS, RULES, VIEW
 
 # ----------------------------------------------------------------------------- published numbers
-# MoMKE/published_results.yaml: every value comes back with the key of its source, so a table can
+# MoMKE/results/published_results.yaml: every value comes back with the key of its source, so a table can
 # cite it. Values are percent, as published; our results are fractions, converted for the tables.
 
 PUBLISHED_FILE = Path(__file__).with_name("published_results.yaml")
@@ -316,7 +316,7 @@ def group(results: Sequence[dict]) -> dict[Key, list[dict]]:
 
 class Intervals:
     """95 % bootstrap intervals of table cells and of paired differences, from the runs' kept
-    test predictions (`MoMKE/uncertainty.py`): whole test conversations are resampled, since the
+    test predictions (`MoMKE/results/uncertainty.py`): whole test conversations are resampled, since the
     utterances of one conversation are correlated. All runs share the resamples, so the interval
     of a mean over seeds or conditions, or of a difference, is computed on paired replicates."""
 
@@ -767,7 +767,7 @@ def arithmetic_comparisons(results: Sequence[dict]) -> dict[str, list[str]]:
 
 
 def _arithmetic_table(dataset: str, experiment: str, runs: dict[str, list[dict]]) -> list[str]:
-    """Each other arithmetic against float32, seed by seed (MoMKE/equivalence.py)."""
+    """Each other arithmetic against float32, seed by seed (MoMKE/results/equivalence.py)."""
     spec = get_spec(dataset)
     reference = {row.label: row for row in table_rows(runs["fp32"]) if row.key is not None}
     others = [name for name in sorted(runs) if name != "fp32"]
