@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dataloader.datasets import DEFAULT_FEATURES
+from dataloader.datasets import DEFAULT_FEATURES, DataError, get_spec
 from dataloader.gcnet import data_fingerprint, load_dataset
+from dataloader.labels import Fold, _check_fold, read_label_file
 from MoMKE import sweep
 from MoMKE.train import main
+from tests.conftest import requires_shared_labels
 
 PROJECT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden", "8", "--depth", "1", "--batch-size", "4", "--device", "cpu", "--seed", "5",
@@ -97,5 +100,47 @@ def test_the_same_bytes_are_the_same_data_wherever_they_lie(mosi, tmp_path, capl
     copy = tmp_path / "copy"
     shutil.copytree(mosi, copy)  # other inodes and times, same bytes
     assert data_fingerprint("CMUMOSI", copy) == first
+
+
+# ----------------------------------------------------------------------------- 2. splits
+
+def _rewrite_splits(root: Path, edit) -> Path:
+    path = root / "CMUMOSI" / LABELS
+    content = list(pickle.loads(path.read_bytes()))
+    content[4:] = edit(*[sorted(s) for s in content[4:]])
+    path.write_bytes(pickle.dumps(tuple(content)))
+    return path
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda tr, va, te: (tr + te[:1], va, te), "is in both the train and the test split"),
+    (lambda tr, va, te: (tr + tr[:2], va, te), "the train split lists"),
+    (lambda tr, va, te: (tr, va, []), "the test split is empty"),
+    (lambda tr, va, te: ([], va, te), "the train split is empty"),
+    (lambda tr, va, te: (tr, va + tr[:5], te), "are in both the train and the val split"),
+], ids=["overlap", "repeat", "empty-test", "empty-train", "five-shared"])
+def test_splits_that_contradict_each_other_are_refused_before_training(mosi, tmp_path, capsys,
+                                                                        edit, says):
+    path = _rewrite_splits(mosi, edit)
+    assert _train(mosi, tmp_path / "out") == 2
+    error = capsys.readouterr().err
+    assert f"error: {path}: " in error and says in error and error.count("\n") == 1
+    assert "'" in error or "empty" in says  # names a few conversations
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fold_that_tests_what_it_trains_is_refused():
+    ids = ("Ses01F_a", "Ses01F_b", "Ses02M_c")
+    with pytest.raises(DataError, match="fold 'session 1': 'Ses01F_b' is in both the train and "
+                                        "the test split"):
+        _check_fold(Fold("session 1", (1, 2), (), (0, 1)), ids, Path("x.pkl"), named=True)
+
+
+@pytest.mark.parametrize("dataset", ["CMUMOSI", "IEMOCAPFour", "IEMOCAPSix"])
+def test_the_real_label_files_pass_the_split_checks(dataset):
+    spec = get_spec(dataset)
+    labels = read_label_file(requires_shared_labels(spec.label_file), spec)
+    for fold in labels.folds:
+        assert fold.train and fold.test and not set(fold.train) & set(fold.test)
 
 
