@@ -31,6 +31,7 @@ from typing import BinaryIO, Iterable
 
 import numpy as np
 
+from dataloader.datasets import DataError
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,17 @@ class FileScan:
     """What the quick check found below some paths."""
 
     stamp: str  # digest of name, size, mtime, ctime and inode of every entry
+    broken: tuple[Path, ...]  # links that lead nowhere or loop, and folders that cannot be listed
     entries: int  # files and folders stamped
 
 
 def scan_files(paths: Iterable[Path]) -> FileScan:
-    """The stamp of every entry below each of `paths` (or of the file), following links to
-    folders as the loader does."""
+    """The stamp of every entry below each of `paths` (or of the file), following links as the
+    loader does; a link that leads nowhere or loops is stamped as the link itself and listed in
+    `broken` (the loader names it if an utterance reads it; the caller says the rest is
+    ignored)."""
     digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    broken: list[Path] = []
     entries = 0
     for root in paths:
         names: list[str] = []
@@ -57,15 +62,19 @@ def scan_files(paths: Iterable[Path]) -> FileScan:
             names.append(root.name)
             stats += _fields(root.stat())
         else:
-            top = os.stat(root)
-            _walk(root, "", names, stats, {(top.st_dev, top.st_ino)})
+            try:
+                top = os.stat(root)
+                _walk(root, "", names, stats, broken, {(top.st_dev, top.st_ino)})
+            except OSError as error:
+                raise DataError(f"{root}: cannot be listed ({error.strerror}); make the folder "
+                                f"readable or pass another feature folder.") from None
         order = sorted(range(len(names)), key=names.__getitem__)
         table = np.array(stats, dtype=np.int64).reshape(-1, 4)[order]
         digest.update(f"\n#{root.name}\n".encode())
         digest.update("\n".join(names[i] for i in order).encode())
         digest.update(table.tobytes())
         entries += len(names)
-    return FileScan(digest.hexdigest(), entries)
+    return FileScan(digest.hexdigest(), tuple(broken), entries)
 
 
 def _fields(stat: os.stat_result) -> tuple[int, int, int, int]:
@@ -73,17 +82,32 @@ def _fields(stat: os.stat_result) -> tuple[int, int, int, int]:
 
 
 def _walk(folder: str | Path, prefix: str, names: list[str], stats: list[int],
-          ancestors: set[tuple[int, int]]) -> None:
+          broken: list[Path], ancestors: set[tuple[int, int]]) -> None:
     with os.scandir(folder) as entries:
         for entry in entries:
             name = prefix + entry.name
-            stat = entry.stat()  # through a link: what a reader of the entry gets
-            if stat_mode.S_ISDIR(stat.st_mode) and (stat.st_dev, stat.st_ino) not in ancestors:
-                _walk(entry.path, name + "/", names, stats,
-                      ancestors | {(stat.st_dev, stat.st_ino)})  # not a link back up
-                names.append(name + "/")
-            else:
-                names.append(name)
+            try:
+                stat = entry.stat()  # through a link: what a reader of the entry gets
+            except OSError:  # a dangling or looping link
+                stat = None
+            if stat is not None and stat_mode.S_ISDIR(stat.st_mode):
+                key = (stat.st_dev, stat.st_ino)
+                if key not in ancestors:  # a link back up would walk forever
+                    try:
+                        _walk(entry.path, name + "/", names, stats, broken, ancestors | {key})
+                        names.append(name + "/")
+                        stats += _fields(stat)
+                        continue
+                    except OSError:  # a folder that cannot be listed
+                        pass
+                stat = None
+            if stat is None:
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                except OSError:  # removed while we looked: not there
+                    continue
+                broken.append(Path(entry.path))
+            names.append(name)
             stats += _fields(stat)
 
 

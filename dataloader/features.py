@@ -9,6 +9,7 @@ vector; how many did is returned so the caller can report it once.
 from __future__ import annotations
 
 import bisect
+import errno
 import io
 import os
 from dataclasses import dataclass
@@ -122,8 +123,12 @@ def _read_array(path: Path, content: ContentDigest | None = None) -> np.ndarray:
     bytes are read once, for the content digest and the array both."""
     try:
         raw = path.read_bytes()
-        if content is not None:
-            content.add(f"{path.parent.name}/{path.name}", raw)
+    except OSError as error:
+        raise DataError(f"{path}: {_unreadable(path, error)}; put the utterance's feature file "
+                        f"there.") from None
+    if content is not None:
+        content.add(f"{path.parent.name}/{path.name}", raw)
+    try:
         array = np.load(io.BytesIO(raw), allow_pickle=False)
     except Exception as error:
         raise DataError(f"{path}: cannot be read as a .npy array ({error}); replace the file.") \
@@ -145,11 +150,27 @@ def _read_array(path: Path, content: ContentDigest | None = None) -> np.ndarray:
     return vector
 
 
+def _unreadable(path: Path, error: OSError) -> str:
+    """Why `path` cannot be opened, in a few words: a broken link says where it leads."""
+    if path.is_symlink():
+        target = os.readlink(path)
+        if error.errno == errno.ELOOP:
+            return f"is a symbolic link that loops back on itself (to {target})"
+        if error.errno == errno.ENOENT:
+            return f"is a symbolic link to {target}, which does not exist"
+    return f"cannot be read ({error.strerror})"
+
+
 def _read_faces(folder: Path, uid: str, speaker: str | None,
                 content: ContentDigest | None) -> list[np.ndarray]:
     """The face vectors of a face folder; with `speaker`, only that speaker's faces."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as error:
+        raise DataError(f"{folder}: {_unreadable(folder, error)}; make the face folder readable "
+                        f"or replace it with the utterance's feature file.") from None
     faces = []
-    for name in sorted(os.listdir(folder)):
+    for name in names:
         if not name.endswith(".npy"):
             continue
         if speaker is not None and _face_speaker(name, uid, folder) != speaker:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Mapping
 
 import numpy as np
 
-from dataloader.cache import (ContentDigest, cache_path, cached_fingerprint, load_cache, save_cache,
-                              scan_files)
+from dataloader.cache import (ContentDigest, FileScan, cache_path, cached_fingerprint, load_cache,
+                              save_cache, scan_files)
 from dataloader.datasets import DEFAULT_FEATURES, MODALITIES, MODALITY_NAMES, DatasetSpec, get_spec
 from dataloader.datasets import DataError
 from dataloader.features import MAX_ABS_FEATURE, read_feature_folder
@@ -103,8 +104,10 @@ def _paths(dataset: str, data_root: str | Path,
     root = Path(data_root) / spec.folder
     label_path = root / spec.label_file
     if not label_path.is_file():
+        what = f"is a symbolic link to {os.readlink(label_path)}, which does not exist" \
+            if label_path.is_symlink() else "label file not found"
         raise DataError(
-            f"{label_path}: label file not found; unpack the GCNet {spec.folder} data under "
+            f"{label_path}: {what}; unpack the GCNet {spec.folder} data under "
             f"{Path(data_root)} (see features/README.md) or generate the synthetic set with "
             f"`python -m dataloader.synthetic --dataset {spec.name} --out {data_root}`.")
     folders = {m: root / "features" / names[m] for m in MODALITIES}
@@ -144,6 +147,7 @@ def load_dataset(dataset: str, data_root: str | Path = "features",
         how = f"loaded from cache {cached_file.name}"
     _FINGERPRINTS[(str(cached_file), stamp)] = fingerprint
     log.info("%s features %s in %.2f s", spec.name, how, time.perf_counter() - started)
+    _say_ignored(scan)
 
     empty = {m: int(arrays[f"empty_{m}"][0]) for m in MODALITIES}
     for m, count in empty.items():
@@ -179,6 +183,20 @@ def _read_features(spec: DatasetSpec, labels: LabelSet, label_path: Path,
         arrays[f"empty_{m}"] = np.array([matrix.empty_faces], dtype=np.int64)
         parts[m] = f"{folders[m].name}:{content.hexdigest()}"
     return arrays, hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+_SAID: set[tuple[Path, ...]] = set()  # broken links already reported by this process
+
+
+def _say_ignored(scan: FileScan) -> None:
+    """Once per process: the broken links below the feature folders that no utterance reads
+    (one that an utterance reads stops the loading, named)."""
+    if scan.broken and scan.broken not in _SAID:
+        _SAID.add(scan.broken)
+        shown = ", ".join(str(p) for p in scan.broken[:3])
+        more = f" and {len(scan.broken) - 3} more" if len(scan.broken) > 3 else ""
+        log.warning("ignoring %d broken link(s) or unreadable folder(s) that no utterance reads: "
+                    "%s%s", len(scan.broken), shown, more)
 
 
 def read_marker(root: Path) -> dict | None:

@@ -144,3 +144,26 @@ def test_the_real_label_files_pass_the_split_checks(dataset):
         assert fold.train and fold.test and not set(fold.train) & set(fold.test)
 
 
+# ----------------------------------------------------------------------------- 3. filesystem
+
+def test_a_broken_link_an_utterance_reads_is_named(mosi):
+    victim = _a_feature_file(mosi, "a", 3)
+    victim.unlink()
+    victim.symlink_to(mosi / "gone.npy")
+    with pytest.raises(DataError) as error:
+        load_dataset("CMUMOSI", mosi)
+    assert str(error.value) == (f"{victim}: is a symbolic link to {mosi / 'gone.npy'}, which "
+                                f"does not exist; put the utterance's feature file there.")
+
+
+def test_broken_links_no_utterance_reads_are_ignored_and_said_once(mosi, caplog):
+    folder = mosi / "CMUMOSI" / "features" / DEFAULT_FEATURES["v"]
+    (folder / "loop.npy").symlink_to("loop.npy")
+    (folder / "dangling.npy").symlink_to("/nonexistent/dangling.npy")
+    caplog.set_level("INFO")
+    load_dataset("CMUMOSI", mosi)
+    data_fingerprint("CMUMOSI", mosi)
+    warnings = [r.getMessage() for r in caplog.records if "broken link" in r.getMessage()]
+    assert len(warnings) == 1 and "loop.npy" in warnings[0] and "dangling.npy" in warnings[0]
+
+
