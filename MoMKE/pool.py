@@ -34,7 +34,7 @@ from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset
 from MoMKE import trainer
 from MoMKE.config import TrainConfig
 from MoMKE.protocols import MissingSetting
-from MoMKE.runlog import RunLocked, setup_console_logging
+from MoMKE.runlog import setup_console_logging
 from MoMKE.runplan import RunSpec, SweepSummary, pending_runs, shared_stage1
 from MoMKE.runtime import resolve_device
 
@@ -225,6 +225,6 @@ def _line(error: BaseException) -> str:
 
 def _detail(error: BaseException) -> str:
     """A refusal in its one sentence; anything unexpected with the worker's traceback."""
-    if isinstance(error, (trainer.Diverged, RunLocked)):
+    if isinstance(error, trainer.STATED_FAILURES):
         return str(error)
     return "".join(traceback.format_exception(error)).rstrip()

@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import yaml
 
+from dataloader.atomic import write_atomic
 from dataloader.datasets import DATASETS, get_spec
 from MoMKE import equivalence
 from MoMKE.config import PAPER_SCHEDULE
@@ -851,14 +852,14 @@ def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_co
             found.skipped += [(r["folder"], f"its group {prefix} could not be tabulated "
                                             f"({type(error).__name__}: {error})") for r in members]
             continue
-        (out / f"{prefix}.md").write_text(tables[0])
-        (out / f"{prefix}.csv").write_text(tables[1])
+        write_atomic(out / f"{prefix}.md", tables[0])
+        write_atomic(out / f"{prefix}.csv", tables[1])
         written += [out / f"{prefix}.md", out / f"{prefix}.csv"]
         if plots:
             from MoMKE.plots import plot_group  # matplotlib only when plotting
             written += plot_group(key, members, rows, out, prefix)
     for stem, lines in arithmetic_comparisons(found.results).items():
-        (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        write_atomic(out / f"{stem}.md", "\n".join(lines) + "\n")
         written.append(out / f"{stem}.md")
     if skipped is not None:
         skipped.extend(found.skipped)

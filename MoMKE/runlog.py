@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataloader.atomic import append_text, save_torch_atomic, write_atomic, write_errors_named
 from MoMKE.config import ConfigError, TrainConfig, config_to_yaml
 from MoMKE.protocols import CONDITIONS, MissingSetting
 from MoMKE.runtime import code_version
@@ -87,20 +89,6 @@ def run_folder(config: TrainConfig, setting: MissingSetting, fingerprint: str) -
     return Path(config.output_dir) / config.dataset / f"{setting.name}_seed{config.seed}_{digest}"
 
 
-def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write a whole file through a temporary sibling and a rename: never half-written."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(content.encode() if isinstance(content, str) else content)
-    os.replace(temporary, path)
-
-
-def save_atomic(path: Path, payload: Any) -> None:
-    """`torch.save` through a temporary sibling and a rename."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
 def write_json(path: Path, value: Any) -> None:
     write_atomic(path, json.dumps(json_safe(value), indent=2) + "\n")
 
@@ -127,9 +115,10 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            with write_errors_named(self.path.parent):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
@@ -148,10 +137,16 @@ class RunLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
         self._fd = fd
+        try:
+            with write_errors_named(self.path.parent):  # a full disk shows here first
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                         "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        except BaseException:
+            self.release()
+            raise
+
 
     def release(self) -> None:
         if self._fd is None:
@@ -186,14 +181,15 @@ class RunFolder:
         self._handler: logging.Handler | None = None
 
     def open(self, config: TrainConfig, header: str) -> None:
-        if self.attempt.exists():
-            shutil.rmtree(self.attempt)  # what an interrupted or failed attempt left
-        self.attempt.mkdir(parents=True)
-        write_atomic(self.attempt / "config.yaml",
-                     f"# MoMKE run configuration; load it again with --config (flags override).\n"
-                     f"# data: {header}\n" + config_to_yaml(config))
-        (self.attempt / "epochs.jsonl").touch()
-        self._handler = logging.FileHandler(self.attempt / "run.log")
+        with write_errors_named(self.attempt):
+            if self.attempt.exists():
+                shutil.rmtree(self.attempt)  # what an interrupted or failed attempt left
+            self.attempt.mkdir(parents=True)
+            write_atomic(self.attempt / "config.yaml",
+                         f"# MoMKE run configuration; load it again with --config (flags "
+                         f"override).\n# data: {header}\n" + config_to_yaml(config))
+            (self.attempt / "epochs.jsonl").touch()
+        self._handler = _RunLogHandler(self.attempt / "run.log")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self._handler.setLevel(logging.DEBUG)
         log.addHandler(self._handler)
@@ -204,18 +200,17 @@ class RunFolder:
         return self.attempt / "run.log" if self.attempt.exists() else self.path / "run.log"
 
     def append_epoch(self, record: dict) -> None:
-        with (self.attempt / "epochs.jsonl").open("a") as handle:
-            handle.write(json.dumps(json_safe({"data_source": self.data_source, **record})) + "\n")
+        append_text(self.attempt / "epochs.jsonl",
+                    json.dumps(json_safe({"data_source": self.data_source, **record})) + "\n")
 
     def save_checkpoint(self, fold: int, payload: dict) -> None:
-        save_atomic(self.attempt / f"checkpoint_fold{fold}.pt", payload)
+        save_torch_atomic(self.attempt / f"checkpoint_fold{fold}.pt", payload)
 
     def save_predictions(self, arrays: dict[str, Any]) -> None:
-        """The test predictions of the selected epochs (`MoMKE/predictions.py`)."""
-        import numpy as np
-        temporary = self.attempt / f"predictions.{os.getpid()}.tmp.npz"
-        np.savez_compressed(temporary, **arrays)
-        os.replace(temporary, self.attempt / "predictions.npz")
+        """The test predictions of the selected epochs (read by `MoMKE/uncertainty.py`)."""
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        write_atomic(self.attempt / "predictions.npz", buffer.getbuffer())
 
     def write_result(self, result: dict) -> None:
         write_json(self.attempt / "result.json", {"data_source": self.data_source, **result,
@@ -237,6 +232,23 @@ class RunFolder:
             log.removeHandler(self._handler)
             self._handler.close()
             self._handler = None
+
+
+class _RunLogHandler(logging.Handler):
+    """run.log, one append per line (`append_text`): a full disk stops the run with `NoSpace`,
+    where a FileHandler would print a logging traceback for every line and go on."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:  # noqa: BLE001 - a bad log call is logging's to report, not ours
+            self.handleError(record)
+            return
+        append_text(self.path, line)
 
 
 def epoch_line(record: dict, metric: str, data_source: str) -> str:

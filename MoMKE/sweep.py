@@ -33,10 +33,9 @@ from MoMKE.config import ConfigError, TrainConfig, check_seed, parse_config
 from MoMKE.executors import import_ray, run_on_ray
 from MoMKE.pool import available_cores, default_jobs, probe_cuda_peak, run_in_pool
 from MoMKE.protocols import settings_from
-from MoMKE.runlog import RunLocked, check_output_dir, setup_console_logging
+from MoMKE.runlog import check_output_dir, setup_console_logging
 from MoMKE.runplan import RunSpec, SweepSummary, pending_runs
 from MoMKE.runtime import resolve_device
-from MoMKE.trainer import Diverged
 
 log = logging.getLogger("MoMKE")
 
@@ -83,7 +82,7 @@ def run_locally(runs: Sequence[RunSpec]) -> SweepSummary:
         try:
             trainer.run(run.config, data, run.setting, device)
             summary.trained.append(run)
-        except (Diverged, RunLocked) as error:  # said in one sentence; the sweep goes on
+        except trainer.STATED_FAILURES as error:  # said in one sentence; the sweep goes on
             log.error("%s failed: %s", run.label, error)
             summary.failed.append((run, f"{type(error).__name__}: {error}"))
         except Exception as error:  # unexpected: with its traceback; the sweep goes on

@@ -13,9 +13,9 @@ from dataloader.datasets import DataError
 from dataloader.gcnet import feature_names_from, load_dataset
 from MoMKE.config import ConfigError, config_to_yaml, parse_config
 from MoMKE.protocols import settings_from
-from MoMKE.runlog import RunLocked, check_output_dir, setup_console_logging
+from MoMKE.runlog import check_output_dir, setup_console_logging
 from MoMKE.runtime import resolve_device
-from MoMKE.trainer import Diverged, run
+from MoMKE.trainer import STATED_FAILURES, Diverged, run
 
 log = logging.getLogger("MoMKE")
 
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run(config, data, setting, device)
         except Diverged:  # logged by `run`, console included
             failed += 1
-        except RunLocked as error:
+        except STATED_FAILURES as error:
             print(f"error: {error}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0

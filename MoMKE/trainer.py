@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dataloader.atomic import CannotWrite
 from dataloader.batch import Batch, BatchBuilder
 from dataloader.gcnet import MultimodalDataset, read_marker
 from MoMKE import stage1_cache
@@ -34,8 +35,9 @@ from MoMKE.metrics import task_metrics
 from MoMKE.layout import TokenLayout
 from MoMKE.model import MODALITIES, PACKING, ModelConfig, MoMKE
 from MoMKE.protocols import CONDITIONS, MissingSetting
-from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, RunLock, epoch_line, experiment_hash,
-                          identity_hash, log_result, read_result, run_folder, run_identity)
+from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, RunLock, RunLocked, epoch_line,
+                          experiment_hash, identity_hash, log_result, read_result, run_folder,
+                          run_identity)
 from MoMKE.runtime import (HeapTrimmer, amp_active, autocast, code_version, compile_experts,
                            peak_memory, source_version)
 from MoMKE.selection import (RULE_LABELS, VIEW, SelectedPredictions, fold_summary, in_pool,
@@ -236,6 +238,11 @@ class FoldOutcome:
 
 class Diverged(RuntimeError):
     """A loss, an output or a metric became NaN or infinite: the run stops, no result is kept."""
+
+
+# A run's failures that are one sentence for the user (no traceback): what went wrong and what
+# to do (a full disk and a read-only output are CannotWrite). Executors list them and go on.
+STATED_FAILURES = (Diverged, RunLocked, CannotWrite)
 
 
 def model_config_for(config: TrainConfig, data: MultimodalDataset) -> ModelConfig:

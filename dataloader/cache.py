@@ -31,6 +31,7 @@ from typing import BinaryIO, Iterable
 
 import numpy as np
 
+from dataloader.atomic import atomic_file, write_errors_named
 from dataloader.datasets import DataError
 
 log = logging.getLogger(__name__)
@@ -224,18 +225,19 @@ def _checked_entries(entries: object, expected: Layout) -> list[tuple[str, np.dt
 
 def save_cache(path: Path, stamp: str, arrays: dict[str, np.ndarray],
                fingerprint: str = "") -> None:
-    """Write the cache atomically; a read-only data folder only costs the speed-up."""
+    """Write the cache atomically; a read-only or full data folder only costs the speed-up
+    (said once, nothing left behind)."""
     arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
     header = json.dumps({"stamp": stamp, "fingerprint": fingerprint,
                          "arrays": [(name, a.dtype.str, a.shape)
                                     for name, a in arrays.items()]}).encode()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-        with temporary.open("wb") as handle:
+        with write_errors_named(path.parent.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as handle:
             handle.write(_HEADER_SIZE.pack(len(header)) + header)
             for array in arrays.values():
                 handle.write(memoryview(array).cast("B"))
-        os.replace(temporary, path)
     except OSError as error:
-        log.warning("could not write the feature cache %s (%s); loading will stay slow", path, error)
+        log.warning("could not write the feature cache %s (%s); loading will stay slow", path,
+                    error.strerror or error)

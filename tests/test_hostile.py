@@ -10,6 +10,7 @@ Each failed on the code before the change.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dataloader import atomic
 from dataloader.datasets import DEFAULT_FEATURES, DataError, get_spec
 from dataloader.gcnet import data_fingerprint, load_dataset
 from dataloader.labels import Fold, _check_fold, read_label_file
@@ -165,5 +167,69 @@ def test_broken_links_no_utterance_reads_are_ignored_and_said_once(mosi, caplog)
     data_fingerprint("CMUMOSI", mosi)
     warnings = [r.getMessage() for r in caplog.records if "broken link" in r.getMessage()]
     assert len(warnings) == 1 and "loop.npy" in warnings[0] and "dangling.npy" in warnings[0]
+
+
+class _FullDisk:
+    """A file on a device that fills up half-way through the first write."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        self._handle.write(data[:len(data) // 2])
+        self._handle.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+
+def _fill_disk_for(monkeypatch, part: str) -> None:
+    """Writes to paths containing `part` find the device full."""
+    real = atomic._opened
+
+    def opened(path, mode):
+        handle = real(path, mode)
+        return _FullDisk(handle) if part in str(path) else handle
+    monkeypatch.setattr(atomic, "_opened", opened)
+
+
+@pytest.mark.parametrize("part, folder", [
+    ("checkpoint_fold1.pt", "attempt"), ("_stage1/", "_stage1"), ("epochs.jsonl", "attempt"),
+    ("run.log", "attempt")])
+def test_a_full_disk_is_one_sentence_and_leaves_nothing_behind(tiny_root, finished, tmp_path,
+                                                               monkeypatch, capsys, part, folder):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    before = _files(out)
+    _fill_disk_for(monkeypatch, part)
+    capsys.readouterr()
+    # A new run (its own stage 1 too) beside the finished one.
+    assert _train(tiny_root, out, "--epochs", "5", "--stage-epochs", "1") == 1
+    captured = capsys.readouterr()
+    (attempt,) = (out / "CMUMOSI").glob("*.attempt")
+    where = attempt if folder == "attempt" else out / folder
+    assert f"error: no space left on the device of {where}; free some space" in captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.tmp.*"))
+    assert {k: v for k, v in _files(out).items() if k in before} == before
+    for line in (attempt / "epochs.jsonl").read_text().splitlines():
+        json.loads(line)  # no half line
+
+
+def test_a_full_disk_costs_the_feature_cache_only(mosi, monkeypatch, caplog):
+    _fill_disk_for(monkeypatch, ".cache/")
+    data = load_dataset("CMUMOSI", mosi)
+    assert "no space left on the device of" in caplog.text and "loading will stay slow" in \
+        caplog.text
+    assert not list((mosi / "CMUMOSI" / ".cache").iterdir())
+    assert data.fingerprint == data_fingerprint("CMUMOSI", mosi)
 
 
