@@ -17,7 +17,9 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import yaml
 
-from dataloader.atomic import write_atomic
+from dataloader.atomic import NoSpace, write_atomic, write_errors_named
 from dataloader.datasets import DATASETS, get_spec
 from MoMKE import equivalence
 from MoMKE.config import PAPER_SCHEDULE
@@ -834,7 +836,7 @@ def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_co
     appended to `skipped` as (folder, why)."""
     found = collect(paths)
     groups = group(found.results)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     written = []
     datasets = [key[0] for key in groups]
     for key, members in groups.items():
@@ -866,6 +868,15 @@ def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_co
     return written
 
 
+def check_writable(out: Path) -> None:
+    """Raise OSError unless files can be created in `out` (made when absent), before any table
+    is computed: the default output lies inside the runs, which may be read-only."""
+    with write_errors_named(out):
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m MoMKE.report", allow_abbrev=False,
                                      description="Tables and plots from saved MoMKE runs.")
@@ -895,10 +906,21 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     skipped: list[tuple[str, str]] = []
-    written = write_report(args.paths, args.out or args.paths[0] / "report",
-                           plots=not args.no_plots, mae_corr=args.mae_corr, ci=args.ci,
-                           resamples=args.resamples,
-                           skipped=skipped)
+    out = args.out or args.paths[0] / "report"
+    try:
+        check_writable(out)
+        written = write_report(args.paths, out, plots=not args.no_plots, mae_corr=args.mae_corr,
+                               ci=args.ci, resamples=args.resamples, skipped=skipped)
+    except NoSpace as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        why = os.strerror(error.errno) if error.errno else str(error)
+        fix = "choose a folder you can write to" if args.out else \
+            (f"write the report elsewhere with `python -m MoMKE.report "
+             f"{' '.join(map(str, args.paths))} --out DIR`")
+        print(f"error: {out} cannot be written ({why}); {fix}.", file=sys.stderr)
+        return 2
     for folder, why in skipped:
         print(f"skipped {folder}: {why}", file=sys.stderr)
     if not written:

@@ -286,15 +286,23 @@ def log_result(result: dict, metrics: tuple[str, ...], data_source: str) -> None
         log.info("  %-38s %s", label, text)
 
 
-def check_output_dir(output_dir: str) -> None:
-    """Refuse before any training when results could not be written below `output_dir`."""
+def check_output_dir(output_dir: str, dataset: str, pending: int | None = None) -> None:
+    """Refuse before any training when results could not be written below `output_dir`.
+    Reading is enough to skip a complete run, so where runs of `dataset` may lie already, a
+    folder is refused only once the runs left to train (`pending`) are known, and some are."""
     target = Path(output_dir)
+    if pending == 0 or (pending is None and (target / dataset).is_dir()):
+        return
+    if target.is_symlink() and not target.exists():
+        raise ConfigError(f"--output-dir {target} is a symbolic link to {os.readlink(target)}, "
+                          f"which does not exist; create that folder or choose another.")
     probe = target
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output-dir {target} is not a writable folder (checked {probe}); "
-                          f"choose a folder you can write to.")
+        left = "" if pending is None else f" ({pending} run(s) left to train)"
+        raise ConfigError(f"--output-dir {target} is not a writable folder (checked {probe})"
+                          f"{left}; choose a folder you can write to.")
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:

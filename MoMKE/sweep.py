@@ -166,12 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # folders are the ones the runs write.
         config = trainer.as_run_on(config, resolve_device(config.device))
         seeds = _seeds(args.seeds, config.seed)
-        check_output_dir(config.output_dir)
+        check_output_dir(config.output_dir, config.dataset)
         if args.launcher == "ray":
             import_ray()  # say how to install it before anything else happens
         config = resolve_data_root(config, args.synthetic_fallback)
         runs = plan(config, seeds, unified=None if args.unified == "none" else args.unified,
                     ablations=_ablations(args.ablations))
+        check_output_dir(config.output_dir, config.dataset, len(pending_runs(runs)))
         jobs, threads = _jobs(args.jobs, config, runs) if args.launcher == "local" else (1, 0)
     except (ConfigError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -14,8 +14,9 @@ from dataloader.gcnet import feature_names_from, load_dataset
 from MoMKE.config import ConfigError, config_to_yaml, parse_config
 from MoMKE.protocols import settings_from
 from MoMKE.runlog import check_output_dir, setup_console_logging
+from MoMKE.runplan import RunSpec, pending_runs
 from MoMKE.runtime import resolve_device
-from MoMKE.trainer import STATED_FAILURES, Diverged, run
+from MoMKE.trainer import STATED_FAILURES, Diverged, as_run_on, run
 
 log = logging.getLogger("MoMKE")
 
@@ -25,9 +26,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(argv)
         device = resolve_device(config.device)
-        check_output_dir(config.output_dir)
+        check_output_dir(config.output_dir, config.dataset)
         data = load_dataset(config.dataset, config.data_root, feature_names_from(
             config.audio_feature, config.text_feature, config.video_feature))
+        settings = settings_from(config.test_condition, config.missing_rate,
+                                 config.train_missing)
+        runs = [RunSpec(as_run_on(config, device), setting, data.fingerprint)
+                for setting in settings]
+        check_output_dir(config.output_dir, config.dataset, len(pending_runs(runs)))
     except (ConfigError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -37,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("SYNTHETIC DATA (%s): every number below is measured on generated features "
                     "and is not comparable with the paper", data.root)
     failed = 0
-    for setting in settings_from(config.test_condition, config.missing_rate, config.train_missing):
+    for setting in settings:
         try:
             run(config, data, setting, device)
         except Diverged:  # logged by `run`, console included

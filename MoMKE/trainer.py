@@ -62,9 +62,12 @@ def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
     config = as_run_on(config, device)
     identity = run_identity(config, setting, data.fingerprint)
     folder = RunFolder(run_folder(config, setting, data.fingerprint), data.data_source)
+    # Reading is enough to skip a complete run (a read-only output folder included); under the
+    # lock it is looked at again, as another process may have completed it meanwhile.
+    if (done := _complete(config, folder, identity)) is not None:
+        return done
     with RunLock(folder.path):
-        if not config.force and (done := read_result(folder.path, identity)) is not None:
-            log.info("%s is complete already; skipping it (use --force to retrain)", folder.path)
+        if (done := _complete(config, folder, identity)) is not None:
             return done
         header = _data_header(data)
         folder.open(config, header)
@@ -85,6 +88,14 @@ def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
             folder.close()
     log_result(result, data.spec.metrics, data.data_source)
     return result
+
+
+def _complete(config: TrainConfig, folder: RunFolder, identity: dict) -> dict | None:
+    """The result of a complete run of this identity, unless --force retrains it."""
+    if config.force or (done := read_result(folder.path, identity)) is None:
+        return None
+    log.info("%s is complete already; skipping it (use --force to retrain)", folder.path)
+    return done
 
 
 def train_stage1(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,

@@ -10,7 +10,9 @@ Each failed on the code before the change.
 """
 from __future__ import annotations
 
+import builtins
 import errno
+import io
 import json
 import os
 import pickle
@@ -24,7 +26,7 @@ from dataloader import atomic
 from dataloader.datasets import DEFAULT_FEATURES, DataError, get_spec
 from dataloader.gcnet import data_fingerprint, load_dataset
 from dataloader.labels import Fold, _check_fold, read_label_file
-from MoMKE import sweep
+from MoMKE import report, sweep
 from MoMKE.train import main
 from tests.conftest import requires_shared_labels
 
@@ -231,5 +233,84 @@ def test_a_full_disk_costs_the_feature_cache_only(mosi, monkeypatch, caplog):
         caplog.text
     assert not list((mosi / "CMUMOSI" / ".cache").iterdir())
     assert data.fingerprint == data_fingerprint("CMUMOSI", mosi)
+
+
+def _read_only(monkeypatch, folder: Path) -> None:
+    """Make `folder` read-only to this process as a read-only mount is (the tests may run as
+    root, whom permission bits do not stop)."""
+    folder = folder.resolve()
+
+    def inside(path) -> bool:
+        try:
+            return Path(os.path.abspath(os.fspath(path))).is_relative_to(folder)
+        except TypeError:  # a file descriptor
+            return False
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    real = {name: getattr(os, name) for name in ("open", "mkdir", "access", "replace", "unlink",
+                                                 "rmdir", "rename")}
+    real_open = io.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        if inside(file) and any(c in mode for c in "wax+"):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def os_open(path, flags, *args, **kwargs):
+        if inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse(path)
+        return real["open"](path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if inside(path):
+            if os.path.exists(path):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
+            refuse(path)
+        return real["mkdir"](path, *args, **kwargs)
+
+    def access(path, mode, *args, **kwargs):
+        return False if inside(path) and mode & os.W_OK else real["access"](path, mode, *args,
+                                                                             **kwargs)
+
+    def changing(name):
+        def change(path, *args, **kwargs):
+            if inside(path):
+                refuse(path)
+            return real[name](path, *args, **kwargs)
+        return change
+
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "access", access)
+    for name in ("replace", "unlink", "rmdir", "rename"):
+        monkeypatch.setattr(os, name, changing(name))
+
+
+def test_read_only_run_folders_are_read_skipped_and_reported_elsewhere(tiny_root, finished,
+                                                                      tmp_path, monkeypatch,
+                                                                      capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    before = _files(out)
+    _read_only(monkeypatch, out)
+    capsys.readouterr()
+    assert _train(tiny_root, out) == 0  # complete: reading is enough to skip it
+    assert "complete already" in capsys.readouterr().out
+    assert _sweep(tiny_root, out) == 0
+    assert "0 trained, 1 complete before, 0 failed" in capsys.readouterr().out
+    assert _train(tiny_root, out, "--test-condition", "a") == 2  # this one would need writing
+    assert "is not a writable folder" in capsys.readouterr().err
+
+    assert report.main([str(out), "--no-plots"]) == 2
+    error = capsys.readouterr().err
+    assert f"error: {out / 'report'} cannot be written (Read-only file system); write the " \
+           f"report elsewhere with `python -m MoMKE.report {out} --out DIR`." in error
+    assert report.main([str(out), "--no-plots", "--out", str(tmp_path / "tables")]) == 0
+    assert (tmp_path / "tables" / "CMUMOSI.md").is_file()
+    assert _files(out) == before
 
 
