@@ -22,12 +22,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from dataloader.batch import BatchBuilder
 from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset
@@ -35,7 +37,7 @@ from MoMKE import trainer
 from MoMKE.config import TrainConfig
 from MoMKE.protocols import MissingSetting
 from MoMKE.runlog import setup_console_logging
-from MoMKE.runplan import RunSpec, SweepSummary, pending_runs, shared_stage1
+from MoMKE.runplan import RunSpec, SweepSummary, file_locked, shared_stage1, wait_for_others
 from MoMKE.runtime import resolve_device
 
 log = logging.getLogger("MoMKE")
@@ -123,6 +125,9 @@ def _init_worker(slots: "multiprocessing.Queue[int]", cores_per_slot: list[list[
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)  # before CUDA starts here
     torch.set_num_threads(threads)
     setup_console_logging(logging.WARNING)  # epoch lines go to each run.log
+    # tqdm's default lock is a multiprocessing one: a worker stopped by Ctrl-C would leave it
+    # registered, and its "leaked semaphore" warning would follow the sweep's last line.
+    tqdm.set_lock(threading.RLock())
 
 
 def _dataset(config: TrainConfig) -> MultimodalDataset:
@@ -147,9 +152,7 @@ def _run_task(config: TrainConfig, setting: MissingSetting) -> None:
 def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummary:
     """Train every pending run of `runs` in `jobs` worker processes with `threads` torch
     threads each (a run's own --threads wins); return what was trained, complete and failed."""
-    summary = SweepSummary()
-    pending = pending_runs(runs)
-    summary.skipped = [run for run in runs if run not in pending]
+    summary, pending = SweepSummary.begin(runs)
     if not pending:
         return summary
     groups = shared_stage1(pending)
@@ -173,10 +176,11 @@ def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummar
     try:
         for key, members in groups.items():
             first = members[0]
-            futures[pool.submit(_stage1_task, with_threads(first), first.setting)] = ("stage 1", key)
+            futures[_submit(pool, _stage1_task, with_threads(first), first.setting)] = \
+                ("stage 1", key)
         for run in pending:
             if id(run) not in grouped:
-                futures[pool.submit(_run_task, with_threads(run), run.setting)] = ("run", run)
+                futures[_submit(pool, _run_task, with_threads(run), run.setting)] = ("run", run)
         while futures:
             done, _ = wait(futures, return_when=FIRST_COMPLETED)
             for future in done:
@@ -185,8 +189,8 @@ def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummar
                 if kind == "stage 1":
                     for run in groups[what]:
                         if error is None:
-                            futures[pool.submit(_run_task, with_threads(run), run.setting)] = \
-                                ("run", run)
+                            futures[_submit(pool, _run_task, with_threads(run),
+                                            run.setting)] = ("run", run)
                         else:
                             summary.failed.append((run, f"its stage 1 failed: {_line(error)}"))
                     if error is not None:
@@ -195,9 +199,11 @@ def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummar
                     continue
                 if error is None:
                     summary.trained.append(what)
+                elif file_locked(summary, what, error):
+                    continue  # another process trains it: waited for below
                 else:
                     log.error("%s failed: %s", what.label, _detail(error))
-                    summary.failed.append((what, _line(error)))
+                    summary.fail(what, _line(error), error)
                 log.info("[%d/%d] %s %s (%.0f s into the sweep)",
                          len(summary.trained) + len(summary.failed), total, what.label,
                          "done" if error is None else "FAILED", time.perf_counter() - started)
@@ -206,16 +212,32 @@ def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummar
         raise
     pool.shutdown()
     summary.sort_like(pending)
+    wait_for_others(summary, lambda rest: run_in_pool(rest, jobs, threads))
     return summary
+
+
+def _submit(pool: ProcessPoolExecutor, task: Callable[..., None], *args: object) -> Future:
+    """`pool.submit`, with Ctrl-C ignored for that moment. A worker is spawned inside submit,
+    and Python keeps an ignored SIGINT ignored, so the worker never sees a Ctrl-C sent to the
+    whole process group, not even while it still imports (where its initializer could not
+    help yet); the sweep stops its workers itself."""
+    if threading.current_thread() is not threading.main_thread():
+        return pool.submit(task, *args)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return pool.submit(task, *args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Cancel what has not started and end the workers now (their runs resume on the next
     sweep: a run without result.json is trained again)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown drops them
     pool.shutdown(wait=False, cancel_futures=True)
-    for process in list(getattr(pool, "_processes", {}).values()):
+    for process in processes:
         process.terminate()
-    for process in list(getattr(pool, "_processes", {}).values()):
+    for process in processes:
         process.join(timeout=10)
 
 

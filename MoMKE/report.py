@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import yaml
 
-from dataloader.atomic import NoSpace, write_atomic, write_errors_named
+from dataloader.atomic import NoSpace, write_errors_named, write_atomic
 from dataloader.datasets import DATASETS, get_spec
 from MoMKE import equivalence
 from MoMKE.config import PAPER_SCHEDULE
@@ -412,6 +412,11 @@ def markdown(key: Key, results: list[dict], rows: list[Row], mae_corr: str = "al
     out += [f"- {line}" for line in header_lines(key, results, mae_corr)]
     if intervals is not None:
         out += [f"- {intervals.header()}"]
+        unusable = [f"{r['folder']}/predictions.npz {why}" for r in results if r.get("folder")
+                    and (why := intervals.saved.problem(r["folder"])) is not None]
+        if unusable:
+            out += [f"- No interval from {len(unusable)} run(s) (nor for the rows and averages "
+                    f"they are part of): {'; '.join(unusable)}."]
         out += _optimism_section(dataset, results, intervals)
     for protocol, title in (("fixed", "Fixed missing protocol (one model per test condition)"),
                             ("random", "Random missing rate (one model per rate)")):

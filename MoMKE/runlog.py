@@ -24,6 +24,7 @@ first.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -125,9 +126,12 @@ class RunLock:
                 os.close(fd)
                 if error.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                raise RunLocked(f"{self.path.with_suffix('')} is being trained by another "
-                                f"process ({self._holder()}); wait for it to finish or stop it, "
-                                f"then run again.") from None
+                holder = self.holder()
+                locked = RunLocked(f"{self.path.with_suffix('')} is being trained by another "
+                                   f"process ({holder}); wait for it to finish or stop it, then "
+                                   f"run again.")
+                locked.holder = holder  # travels with the error across processes
+                raise locked from None
             # The holder before us may have removed the file after we opened it: lock the file
             # that is at the path now, or two processes could each hold a lock.
             try:
@@ -147,7 +151,6 @@ class RunLock:
             self.release()
             raise
 
-
     def release(self) -> None:
         if self._fd is None:
             return
@@ -155,7 +158,19 @@ class RunLock:
         os.close(self._fd)
         self._fd = None
 
-    def _holder(self) -> str:
+    def wait(self) -> None:
+        """Block until no process holds the lock (taking it only for that moment)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:  # released (the holder removes the file)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        finally:
+            os.close(fd)  # and with it the lock
+
+    def holder(self) -> str:
+        """Who holds the lock, in words."""
         try:
             holder = json.loads(self.path.read_text())
             return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
@@ -168,6 +183,18 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def attempt_log(error: BaseException) -> Path | None:
+    """The run log of the attempt that raised `error` (`note_attempt_log`), or None when the
+    run failed before its attempt began; it travels with the error across processes."""
+    value = getattr(error, "run_log", None)
+    return Path(value) if isinstance(value, str) else None
+
+
+def note_attempt_log(error: BaseException, log_file: Path) -> None:
+    with contextlib.suppress(AttributeError, TypeError):  # an exception without a __dict__
+        error.run_log = str(log_file)
 
 
 class RunFolder:

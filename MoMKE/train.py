@@ -24,6 +24,15 @@ log = logging.getLogger("MoMKE")
 def main(argv: Sequence[str] | None = None) -> int:
     setup_console_logging()
     try:
+        return _train(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted: earlier results are kept, complete runs are skipped; run the same "
+              "command again to train the rest.", file=sys.stderr)
+        return 130
+
+
+def _train(argv: Sequence[str] | None) -> int:
+    try:
         config = parse_config(argv)
         device = resolve_device(config.device)
         check_output_dir(config.output_dir, config.dataset)

@@ -36,8 +36,8 @@ from MoMKE.layout import TokenLayout
 from MoMKE.model import MODALITIES, PACKING, ModelConfig, MoMKE
 from MoMKE.protocols import CONDITIONS, MissingSetting
 from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, RunLock, RunLocked, epoch_line,
-                          experiment_hash, identity_hash, log_result, read_result, run_folder,
-                          run_identity)
+                          experiment_hash, identity_hash, log_result, note_attempt_log,
+                          read_result, run_folder, run_identity)
 from MoMKE.runtime import (HeapTrimmer, amp_active, autocast, code_version, compile_experts,
                            peak_memory, source_version)
 from MoMKE.selection import (RULE_LABELS, VIEW, SelectedPredictions, fold_summary, in_pool,
@@ -70,8 +70,10 @@ def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
         if (done := _complete(config, folder, identity)) is not None:
             return done
         header = _data_header(data)
-        folder.open(config, header)
+        opened = False
         try:
+            folder.open(config, header)
+            opened = True
             log.info("run %s %s seed %d -> %s [%s]", config.dataset, setting.name, config.seed,
                      folder.path, header)
             with torch_threads(config.threads):
@@ -81,8 +83,11 @@ def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
                           base_experiment=experiment_hash(identity, ignore=VARIANT_FIELDS))
             folder.write_result(result)
             folder.commit()
-        except Diverged as error:
-            log.error("%s (log: %s)", error, folder.log_file)
+        except BaseException as error:
+            if opened:  # the log a failure report points at: this attempt's, not an earlier one's
+                note_attempt_log(error, folder.log_file)
+            if isinstance(error, Diverged):
+                log.error("%s (log: %s)", error, folder.log_file)
             raise
         finally:
             folder.close()

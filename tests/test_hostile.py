@@ -17,6 +17,9 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,7 @@ from dataloader import atomic
 from dataloader.datasets import DEFAULT_FEATURES, DataError, get_spec
 from dataloader.gcnet import data_fingerprint, load_dataset
 from dataloader.labels import Fold, _check_fold, read_label_file
-from MoMKE import report, sweep
+from MoMKE import report, sweep, trainer
 from MoMKE.train import main
 from tests.conftest import requires_shared_labels
 
@@ -314,3 +317,107 @@ def test_read_only_run_folders_are_read_skipped_and_reported_elsewhere(tiny_root
     assert _files(out) == before
 
 
+# ----------------------------------------------------------------------------- 4. sweeps
+
+_TRAIN_ELSEWHERE = textwrap.dedent("""
+    import shutil, sys, time
+    from pathlib import Path
+    from MoMKE.runlog import RunLock
+    folder, prepared, other = map(Path, sys.argv[1:])
+    lock = RunLock(folder)
+    lock.acquire()
+    print("locked", flush=True)
+    deadline = time.time() + 120
+    while not (other / "result.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the sweep is waiting by now
+    shutil.move(prepared, folder)  # the run this process "trained"
+    lock.release()
+""")
+
+
+def test_a_run_another_sweep_trains_is_waited_for_not_failed(tiny_root, finished, tmp_path,
+                                                             capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    config = sweep.parse_config(["--dataset", "CMUMOSI", "--data-root", str(tiny_root),
+                                 "--output-dir", str(out), *TINY, "--test-condition", "atv,t"])
+    theirs, mine = (run.folder for run in sweep.plan(config, [5]))
+    prepared = tmp_path / "prepared"
+    shutil.move(theirs, prepared)  # the other sweep's result, put in place while we wait
+    holder = subprocess.Popen([sys.executable, "-c", _TRAIN_ELSEWHERE, str(theirs),
+                               str(prepared), str(mine)], cwd=PROJECT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert _sweep(tiny_root, out, "--test-condition", "atv,t") == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    text = capsys.readouterr().out
+    assert "waiting for CMUMOSI fixed-atv seed 5: another process is training it (pid " \
+           f"{holder.pid}" in text
+    assert "1 trained, 0 complete before, 1 completed by another process, 0 failed" in text
+    assert "FAILED" not in text and (theirs / "result.json").is_file()
+
+
+def test_ctrl_c_in_a_sweep_is_one_line_and_exit_130(tiny_root, finished, tmp_path, monkeypatch,
+                                                    capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sweep.trainer, "run", interrupted)
+    capsys.readouterr()
+    assert _sweep(tiny_root, out, "--test-condition", "atv,t") == 130
+    error = capsys.readouterr().err
+    assert error.strip() == "interrupted: 1 of 2 planned runs are complete; run the same " \
+                            "command again to continue (complete runs are skipped)."
+
+
+def test_a_seed_listed_twice_is_planned_once(tiny_root, tmp_path, monkeypatch, capsys):
+    trained = []
+    monkeypatch.setattr(sweep.trainer, "run", lambda config, *rest: trained.append(config.seed))
+    assert _sweep(tiny_root, tmp_path, "--seeds", "1,1,2") == 0
+    out = capsys.readouterr().out
+    assert trained == [1, 2] and "2 trained, 0 complete before, 0 failed" in out
+    assert "--seeds 1,1,2 lists 1 more than once; each seed is planned once" in out
+
+
+def test_a_predictions_file_that_cannot_be_read_is_named(finished, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    (run,) = (out / "CMUMOSI").iterdir()
+    (run / "predictions.npz").write_bytes(b"PK\x03\x04 not a zip file")
+    assert report.main([str(out), "--no-plots", "--ci", "--resamples", "20"]) == 0
+    text = capsys.readouterr().out
+    assert f"No interval from 1 run(s) (nor for the rows and averages they are part of): " \
+           f"{run}/predictions.npz cannot be read (BadZipFile" in text
+
+
+def test_a_failed_run_links_the_log_of_this_attempt_only(tiny_root, tmp_path, monkeypatch,
+                                                         capsys):
+    original = trainer.FoldTrainer._train_epoch
+
+    def poisoned(self, stage):
+        scores = original(self, stage)
+        if stage == 2:
+            scores["loss"] = float("nan")
+        return scores
+    monkeypatch.setattr(trainer.FoldTrainer, "_train_epoch", poisoned)
+    assert _sweep(tiny_root, tmp_path) == 1
+    (attempt,) = (tmp_path / "CMUMOSI").glob("*.attempt")
+    assert f"(log: {attempt / 'run.log'})" in capsys.readouterr().out
+
+    monkeypatch.undo()  # the next attempt fails before it starts: its folder became read-only
+    config = sweep.parse_config(["--dataset", "CMUMOSI", "--data-root", str(tiny_root),
+                                 "--output-dir", str(tmp_path), *TINY])
+    _read_only(monkeypatch, tmp_path / "CMUMOSI")
+    summary = sweep.run_locally(sweep.plan(config, [5]))
+    text = summary.report()
+    assert f"FAILED CMUMOSI fixed-atv seed 5: CannotWrite: {tmp_path / 'CMUMOSI'} cannot be " \
+           f"written (Read-only file system); make it writable or write elsewhere" in text
+    assert "(no run log of this attempt: it failed before its run started)" in text
+    assert str(attempt / "run.log") not in text
