@@ -289,7 +289,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         content = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise ConfigError(f"--config {path}: cannot be read ({error}).") from None
     if not isinstance(content, dict):
         raise ConfigError(f"--config {path}: must be a mapping of option names to values.")

@@ -24,9 +24,11 @@ first.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dataloader.atomic import append_text, save_torch_atomic, write_atomic, write_errors_named
 from MoMKE.config import ConfigError, TrainConfig, config_to_yaml
 from MoMKE.protocols import CONDITIONS, MissingSetting
 from MoMKE.runtime import code_version
@@ -87,20 +90,6 @@ def run_folder(config: TrainConfig, setting: MissingSetting, fingerprint: str) -
     return Path(config.output_dir) / config.dataset / f"{setting.name}_seed{config.seed}_{digest}"
 
 
-def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write a whole file through a temporary sibling and a rename: never half-written."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(content.encode() if isinstance(content, str) else content)
-    os.replace(temporary, path)
-
-
-def save_atomic(path: Path, payload: Any) -> None:
-    """`torch.save` through a temporary sibling and a rename."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
 def write_json(path: Path, value: Any) -> None:
     write_atomic(path, json.dumps(json_safe(value), indent=2) + "\n")
 
@@ -127,18 +116,22 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            with write_errors_named(self.path.parent):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
                 os.close(fd)
                 if error.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                raise RunLocked(f"{self.path.with_suffix('')} is being trained by another "
-                                f"process ({self._holder()}); wait for it to finish or stop it, "
-                                f"then run again.") from None
+                holder = self.holder()
+                locked = RunLocked(f"{self.path.with_suffix('')} is being trained by another "
+                                   f"process ({holder}); wait for it to finish or stop it, then "
+                                   f"run again.")
+                locked.holder = holder  # travels with the error across processes
+                raise locked from None
             # The holder before us may have removed the file after we opened it: lock the file
             # that is at the path now, or two processes could each hold a lock.
             try:
@@ -148,10 +141,15 @@ class RunLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
         self._fd = fd
+        try:
+            with write_errors_named(self.path.parent):  # a full disk shows here first
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                         "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
         if self._fd is None:
@@ -160,7 +158,19 @@ class RunLock:
         os.close(self._fd)
         self._fd = None
 
-    def _holder(self) -> str:
+    def wait(self) -> None:
+        """Block until no process holds the lock (taking it only for that moment)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:  # released (the holder removes the file)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        finally:
+            os.close(fd)  # and with it the lock
+
+    def holder(self) -> str:
+        """Who holds the lock, in words."""
         try:
             holder = json.loads(self.path.read_text())
             return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
@@ -175,6 +185,18 @@ class RunLock:
         self.release()
 
 
+def attempt_log(error: BaseException) -> Path | None:
+    """The run log of the attempt that raised `error` (`note_attempt_log`), or None when the
+    run failed before its attempt began; it travels with the error across processes."""
+    value = getattr(error, "run_log", None)
+    return Path(value) if isinstance(value, str) else None
+
+
+def note_attempt_log(error: BaseException, log_file: Path) -> None:
+    with contextlib.suppress(AttributeError, TypeError):  # an exception without a __dict__
+        error.run_log = str(log_file)
+
+
 class RunFolder:
     """The files of one run. `open` starts a fresh attempt in `<path>.attempt/`; `commit`
     replaces `<path>` with it once the result is written. Call both under the run's lock."""
@@ -186,14 +208,15 @@ class RunFolder:
         self._handler: logging.Handler | None = None
 
     def open(self, config: TrainConfig, header: str) -> None:
-        if self.attempt.exists():
-            shutil.rmtree(self.attempt)  # what an interrupted or failed attempt left
-        self.attempt.mkdir(parents=True)
-        write_atomic(self.attempt / "config.yaml",
-                     f"# MoMKE run configuration; load it again with --config (flags override).\n"
-                     f"# data: {header}\n" + config_to_yaml(config))
-        (self.attempt / "epochs.jsonl").touch()
-        self._handler = logging.FileHandler(self.attempt / "run.log")
+        with write_errors_named(self.attempt):
+            if self.attempt.exists():
+                shutil.rmtree(self.attempt)  # what an interrupted or failed attempt left
+            self.attempt.mkdir(parents=True)
+            write_atomic(self.attempt / "config.yaml",
+                         f"# MoMKE run configuration; load it again with --config (flags "
+                         f"override).\n# data: {header}\n" + config_to_yaml(config))
+            (self.attempt / "epochs.jsonl").touch()
+        self._handler = _RunLogHandler(self.attempt / "run.log")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self._handler.setLevel(logging.DEBUG)
         log.addHandler(self._handler)
@@ -204,18 +227,17 @@ class RunFolder:
         return self.attempt / "run.log" if self.attempt.exists() else self.path / "run.log"
 
     def append_epoch(self, record: dict) -> None:
-        with (self.attempt / "epochs.jsonl").open("a") as handle:
-            handle.write(json.dumps(json_safe({"data_source": self.data_source, **record})) + "\n")
+        append_text(self.attempt / "epochs.jsonl",
+                    json.dumps(json_safe({"data_source": self.data_source, **record})) + "\n")
 
     def save_checkpoint(self, fold: int, payload: dict) -> None:
-        save_atomic(self.attempt / f"checkpoint_fold{fold}.pt", payload)
+        save_torch_atomic(self.attempt / f"checkpoint_fold{fold}.pt", payload)
 
     def save_predictions(self, arrays: dict[str, Any]) -> None:
-        """The test predictions of the selected epochs (`MoMKE/predictions.py`)."""
-        import numpy as np
-        temporary = self.attempt / f"predictions.{os.getpid()}.tmp.npz"
-        np.savez_compressed(temporary, **arrays)
-        os.replace(temporary, self.attempt / "predictions.npz")
+        """The test predictions of the selected epochs (read by `MoMKE/uncertainty.py`)."""
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        write_atomic(self.attempt / "predictions.npz", buffer.getbuffer())
 
     def write_result(self, result: dict) -> None:
         write_json(self.attempt / "result.json", {"data_source": self.data_source, **result,
@@ -237,6 +259,23 @@ class RunFolder:
             log.removeHandler(self._handler)
             self._handler.close()
             self._handler = None
+
+
+class _RunLogHandler(logging.Handler):
+    """run.log, one append per line (`append_text`): a full disk stops the run with `NoSpace`,
+    where a FileHandler would print a logging traceback for every line and go on."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:  # noqa: BLE001 - a bad log call is logging's to report, not ours
+            self.handleError(record)
+            return
+        append_text(self.path, line)
 
 
 def epoch_line(record: dict, metric: str, data_source: str) -> str:
@@ -274,15 +313,23 @@ def log_result(result: dict, metrics: tuple[str, ...], data_source: str) -> None
         log.info("  %-38s %s", label, text)
 
 
-def check_output_dir(output_dir: str) -> None:
-    """Refuse before any training when results could not be written below `output_dir`."""
+def check_output_dir(output_dir: str, dataset: str, pending: int | None = None) -> None:
+    """Refuse before any training when results could not be written below `output_dir`.
+    Reading is enough to skip a complete run, so where runs of `dataset` may lie already, a
+    folder is refused only once the runs left to train (`pending`) are known, and some are."""
     target = Path(output_dir)
+    if pending == 0 or (pending is None and (target / dataset).is_dir()):
+        return
+    if target.is_symlink() and not target.exists():
+        raise ConfigError(f"--output-dir {target} is a symbolic link to {os.readlink(target)}, "
+                          f"which does not exist; create that folder or choose another.")
     probe = target
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output-dir {target} is not a writable folder (checked {probe}); "
-                          f"choose a folder you can write to.")
+        left = "" if pending is None else f" ({pending} run(s) left to train)"
+        raise ConfigError(f"--output-dir {target} is not a writable folder (checked {probe})"
+                          f"{left}; choose a folder you can write to.")
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
+from dataloader.atomic import save_torch_atomic, write_errors_named
 from dataloader.gcnet import MultimodalDataset
 from MoMKE.config import TrainConfig
 from MoMKE.protocols import MissingSetting
-from MoMKE.runlog import save_atomic
 from MoMKE.runtime import code_version
 
 log = logging.getLogger("MoMKE")
@@ -104,5 +104,6 @@ def _problem(snapshot: object, model_state: dict[str, torch.Tensor]) -> str | No
 
 def save(config: TrainConfig, key: str, snapshot: dict) -> None:
     path = path_for(config, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic(path, snapshot)
+    with write_errors_named(path.parent.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    save_torch_atomic(path, snapshot)

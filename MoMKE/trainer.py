@@ -1,225 +1,42 @@
-"""Train one run: every fold's stage 1 (unimodal experts), expert hand-over and stage 2 (mixing).
+"""Train one fold: stage 1 (unimodal experts), expert hand-over and stage 2 (mixing).
 
-From: SPEC §4.3-4.6, §5-7. `run` trains one setting (a condition or rate, one seed) on every fold
-into its run folder, under the run's lock and through an attempt folder (`MoMKE/runlog.py`), and
-writes its result; `FoldTrainer` trains one fold. One Adam optimiser serves both stages, as in the
-reference code.
+From: SPEC §4.3-4.6, §5-7. `FoldTrainer` trains one fold of one run; `MoMKE/runner.py` runs it
+for every fold into the run folder. One Adam optimiser serves both stages, as in the reference
+code.
 Every epoch's metrics are kept for train (measured on the training pass itself: dropout on, the
 batch's training masks), val and test; which epoch is reported is decided afterwards
 (`MoMKE/selection.py`), never here.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dataloader.batch import Batch, BatchBuilder
-from dataloader.gcnet import MultimodalDataset, read_marker
+from dataloader.gcnet import MultimodalDataset
 from MoMKE import stage1_cache
-from MoMKE.config import TrainConfig, has_stage1, model_options, variant_name
-from MoMKE.metrics import task_metrics
+from MoMKE.config import TrainConfig, has_stage1, model_options
 from MoMKE.layout import TokenLayout
+from MoMKE.metrics import task_metrics
 from MoMKE.model import MODALITIES, PACKING, ModelConfig, MoMKE
 from MoMKE.protocols import CONDITIONS, MissingSetting
-from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, RunLock, epoch_line, experiment_hash,
-                          identity_hash, log_result, read_result, run_folder, run_identity)
-from MoMKE.runtime import (HeapTrimmer, amp_active, autocast, code_version, compile_experts,
-                           peak_memory, source_version)
-from MoMKE.selection import (RULE_LABELS, VIEW, SelectedPredictions, fold_summary, in_pool,
-                             mean_over_folds, mean_router, scores_of)
+from MoMKE.runtime import HeapTrimmer, autocast, compile_experts, peak_memory
+from MoMKE.selection import VIEW, SelectedPredictions, in_pool, scores_of
 
 log = logging.getLogger("MoMKE")
 
 # The stage-1 metric that picks each expert's best epoch: the official code's unimodal accuracy.
 HANDOVER_METRIC = {"regression": "acc2", "classification": "wa"}
-
-
-# ----------------------------------------------------------------------------- one run
-
-def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
-        device: torch.device) -> dict:
-    """Train every fold of one setting into its run folder; return the result written.
-
-    Under the run's lock: a complete result of the same identity is returned as it is (unless
-    `--force`); otherwise the run trains into a fresh attempt folder that replaces the run folder
-    only once its result is written. Raises Diverged (no result written; an earlier result stays)
-    and RunLocked (another process trains this run)."""
-    config = as_run_on(config, device)
-    identity = run_identity(config, setting, data.fingerprint)
-    folder = RunFolder(run_folder(config, setting, data.fingerprint), data.data_source)
-    with RunLock(folder.path):
-        if not config.force and (done := read_result(folder.path, identity)) is not None:
-            log.info("%s is complete already; skipping it (use --force to retrain)", folder.path)
-            return done
-        header = _data_header(data)
-        folder.open(config, header)
-        try:
-            log.info("run %s %s seed %d -> %s [%s]", config.dataset, setting.name, config.seed,
-                     folder.path, header)
-            with torch_threads(config.threads):
-                result = _train_folds(config, data, setting, device, folder)
-            result.update(identity=identity, identity_hash=identity_hash(identity),
-                          experiment=experiment_hash(identity),
-                          base_experiment=experiment_hash(identity, ignore=VARIANT_FIELDS))
-            folder.write_result(result)
-            folder.commit()
-        except Diverged as error:
-            log.error("%s (log: %s)", error, folder.log_file)
-            raise
-        finally:
-            folder.close()
-    log_result(result, data.spec.metrics, data.data_source)
-    return result
-
-
-def train_stage1(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
-                 device: torch.device) -> None:
-    """Train (or find cached) the stage 1 of every fold of `setting` without running stage 2:
-    what a distributed sweep runs once before the runs that reuse it."""
-    config = as_run_on(config, device)
-    with torch_threads(config.threads):
-        for fold in [k - 1 for k in config.folds] if config.folds else range(len(data.folds)):
-            FoldTrainer(config, data, fold, setting, device, BatchBuilder(data, device)).stage1(
-                lambda record: None)
-
-
-def as_run_on(config: TrainConfig, device: torch.device) -> TrainConfig:
-    """`config` as it runs on `device`: without --amp where the device has no bfloat16 arithmetic
-    (said once in the log), so that a run's identity and result record float32."""
-    return dataclasses.replace(config, amp=False) if config.amp and not amp_active(device) \
-        else config
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with `count` torch CPU threads (0: as they are), then restore them. The
-    rounding of CPU float sums can depend on the thread count, so runs computed under different
-    executors agree to the bit only at the same count."""
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
-                 device: torch.device, folder: RunFolder) -> dict:
-    builder = BatchBuilder(data, device)
-    folds = [k - 1 for k in config.folds] if config.folds else range(len(data.folds))
-    summaries, seconds, handovers, reused, predictions = [], [], [], [], {}
-    started, cpu_started = time.perf_counter(), time.process_time()
-    for fold in folds:
-        name = data.folds[fold].name
-        description = f"{data.spec.name} {setting.name} {name} [{data.data_source}]"
-        with tqdm(total=config.epochs, desc=description, unit="epoch", leave=False,
-                  disable=None) as progress, logging_redirect_tqdm(loggers=[log]):
-            trainer = FoldTrainer(config, data, fold, setting, device, builder)
-            outcome = trainer.run(lambda record: _on_epoch(record, folder, progress, data),
-                                  progress)
-        summaries.append({"fold": fold + 1, "name": name,
-                          **_summaries(outcome.records, data, setting, config.select_from)})
-        predictions.update(_prediction_arrays(data, fold, outcome.predictions))
-        seconds.append(outcome.seconds)
-        handovers.append(outcome.handover)
-        reused.append(outcome.stage1_reused)
-        if outcome.checkpoint is not None:
-            folder.save_checkpoint(fold + 1, {
-                "model_state": outcome.checkpoint["state"],
-                "model_config": model_config_for(config, data).to_dict(),
-                "epoch": outcome.checkpoint["epoch"], "rule": outcome.checkpoint["rule"],
-                "dataset": data.spec.name, "data_source": data.data_source,
-                "setting": setting.name, "seed": config.seed})
-    folder.save_predictions(predictions)
-    return {
-        "dataset": data.spec.name, "protocol": setting.protocol, "condition": setting.condition,
-        "missing_rate": setting.rate, "seed": config.seed, "setting": setting.name,
-        "selection_metric": data.spec.selection_metric, "units": "fraction (0.8123 = 81.23 %)",
-        "rules": RULE_LABELS, "selection_pool": config.select_from,
-        "expert_handover": config.expert_handover, **_aggregate(summaries, setting),
-        "handover": handovers, "stage1_reused": reused,
-        "seconds": {"total": time.perf_counter() - started,
-                    "stage1": sum(s["stage1"] for s in seconds),
-                    "stage2": sum(s["stage2"] for s in seconds),
-                    "cpu": time.process_time() - cpu_started},  # this process, all threads
-        "data": {"root": str(data.root), "features": data.feature_names, "dims": data.dims,
-                 "conversations": len(data.conversation_ids),
-                 "utterances": data.num_utterances, "empty_faces": data.empty_faces,
-                 "synthetic": read_marker(data.root)},
-        "device": str(device), "config": config.to_dict(),
-        "variant": variant_name(config.to_dict()),
-        "source_version": source_version(), "code_version": code_version(),
-        "predictions": "predictions.npz",
-    }
-
-
-def _prediction_arrays(data: MultimodalDataset, fold: int,
-                       selected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """One fold's entries of `predictions.npz`: the test utterances (ids, conversation index
-    within the test split, labels, in the order of the predictions) and the predictions of the
-    epochs each rule selected, '<view>__<rule>' ('run' is the run's own evaluation)."""
-    conversations = list(data.folds[fold].test)
-    rows = np.concatenate([np.arange(data.offsets[c], data.offsets[c + 1]) for c in conversations])
-    lengths = data.lengths()[conversations]
-    prefix = f"fold{fold + 1}__"
-    return {prefix + "ids": data.utterance_ids[rows],
-            prefix + "conversation": np.repeat(np.arange(len(conversations)), lengths),
-            prefix + "labels": data.labels[rows],
-            **{prefix + key: values for key, values in selected.items()}}
-
-
-def _summaries(records: list[dict], data: MultimodalDataset, setting: MissingSetting,
-               pool: str) -> dict:
-    """One fold's selected epochs; for the unified model, per condition and rate evaluated."""
-    metric = data.spec.selection_metric
-    if setting.protocol != "unified":
-        return fold_summary(records, metric, pool=pool)
-    views = [s.name for s in setting.evaluation_settings(stage=2)]
-    return {"evaluations": {view: fold_summary(records, metric, view) for view in views}}
-
-
-def _aggregate(folds: list[dict], setting: MissingSetting) -> dict:
-    """Means over folds; the unified model's `test` is the mean over the seven conditions."""
-    if setting.protocol != "unified":
-        return {"test": mean_over_folds(folds), "router": mean_router(folds), "folds": folds}
-    views = list(folds[0]["evaluations"])
-    evaluations = {}
-    for view in views:
-        per_fold = [f["evaluations"][view] for f in folds]
-        evaluations[view] = {"test": mean_over_folds(per_fold), "router": mean_router(per_fold)}
-    conditions = [evaluations[f"fixed-{c}"]["test"] for c in CONDITIONS]
-    test = {rule: None if any(c[rule] is None for c in conditions) else
-            {k: float(np.mean([c[rule][k] for c in conditions])) for k in conditions[0][rule]}
-            for rule in RULE_LABELS}
-    return {"test": test, "test_scope": "mean over the seven fixed conditions",
-            "evaluations": evaluations, "folds": folds}
-
-
-def _on_epoch(record: dict, folder: RunFolder, progress: tqdm, data: MultimodalDataset) -> None:
-    folder.append_epoch(record)
-    line = epoch_line(record, data.spec.selection_metric, data.data_source)
-    log.info("%s", line)
-    progress.set_postfix_str(line.split("| ", 2)[-1][:60], refresh=False)
-
-
-def _data_header(data: MultimodalDataset) -> str:
-    if data.data_source == "synthetic":
-        return f"SYNTHETIC data from {data.root} (generated; not comparable with the paper)"
-    return f"real data from {data.root}"
 
 
 # ----------------------------------------------------------------------------- one fold

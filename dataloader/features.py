@@ -9,6 +9,8 @@ vector; how many did is returned so the caller can report it once.
 from __future__ import annotations
 
 import bisect
+import errno
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dataloader.cache import ContentDigest
 from dataloader.datasets import DataError
 
 
@@ -55,10 +58,12 @@ MAX_ABS_FEATURE = 1e6
 
 
 def read_feature_folder(folder: Path, utterance_ids: Sequence[str],
-                        speakers: Sequence[str] | None, *, faces: bool = False) -> FeatureMatrix:
+                        speakers: Sequence[str] | None, *, faces: bool = False,
+                        content: ContentDigest | None = None) -> FeatureMatrix:
     """Read `folder` for every id; `speakers` (IEMOCAP) enables prefix lookup and face selection.
     Only with `faces` (the visual folder) may an entry be a folder of face vectors; an empty one
-    becomes a zero row only with `speakers` (IEMOCAP's GCNet rule), elsewhere it is an error."""
+    becomes a zero row only with `speakers` (IEMOCAP's GCNet rule), elsewhere it is an error.
+    Every file's bytes go into `content` as they are read (the data's identity)."""
     if not folder.is_dir():
         raise DataError(
             f"{folder}: feature folder not found; unpack the GCNet features there, pass the right "
@@ -76,12 +81,12 @@ def read_feature_folder(folder: Path, utterance_ids: Sequence[str],
                 raise DataError(f"{path}: is a folder, but {folder.name} entries must be .npy "
                                 f"files (only visual features may be folders of faces); "
                                 f"replace it with the utterance's .npy file.")
-            vectors = _read_faces(path, uid, speaker)
+            vectors = _read_faces(path, uid, speaker, content)
             if not vectors and speakers is None:
                 raise DataError(f"{path}: a face folder with no .npy face vector; put the "
                                 f"utterance's feature file there, or remove the empty folder.")
         else:
-            vectors = [_read_array(path)]
+            vectors = [_read_array(path, content)]
         for vector in vectors:
             dim_source = _check_dim(vector, path, dim_source)
         if vectors:
@@ -113,10 +118,18 @@ def _entry_name(index: _FolderIndex, uid: str, *, by_prefix: bool) -> str:
                     f"is incomplete, re-extract or re-download it.")
 
 
-def _read_array(path: Path) -> np.ndarray:
-    """One utterance vector from a `[dim]`, `[1, dim]` or `[T, dim]` file (mean over T)."""
+def _read_array(path: Path, content: ContentDigest | None = None) -> np.ndarray:
+    """One utterance vector from a `[dim]`, `[1, dim]` or `[T, dim]` file (mean over T). The
+    bytes are read once, for the content digest and the array both."""
     try:
-        array = np.load(path, allow_pickle=False)
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: {_unreadable(path, error)}; put the utterance's feature file "
+                        f"there.") from None
+    if content is not None:
+        content.add(f"{path.parent.name}/{path.name}", raw)
+    try:
+        array = np.load(io.BytesIO(raw), allow_pickle=False)
     except Exception as error:
         raise DataError(f"{path}: cannot be read as a .npy array ({error}); replace the file.") \
             from None
@@ -137,15 +150,32 @@ def _read_array(path: Path) -> np.ndarray:
     return vector
 
 
-def _read_faces(folder: Path, uid: str, speaker: str | None) -> list[np.ndarray]:
+def _unreadable(path: Path, error: OSError) -> str:
+    """Why `path` cannot be opened, in a few words: a broken link says where it leads."""
+    if path.is_symlink():
+        target = os.readlink(path)
+        if error.errno == errno.ELOOP:
+            return f"is a symbolic link that loops back on itself (to {target})"
+        if error.errno == errno.ENOENT:
+            return f"is a symbolic link to {target}, which does not exist"
+    return f"cannot be read ({error.strerror})"
+
+
+def _read_faces(folder: Path, uid: str, speaker: str | None,
+                content: ContentDigest | None) -> list[np.ndarray]:
     """The face vectors of a face folder; with `speaker`, only that speaker's faces."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as error:
+        raise DataError(f"{folder}: {_unreadable(folder, error)}; make the face folder readable "
+                        f"or replace it with the utterance's feature file.") from None
     faces = []
-    for name in sorted(os.listdir(folder)):
+    for name in names:
         if not name.endswith(".npy"):
             continue
         if speaker is not None and _face_speaker(name, uid, folder) != speaker:
             continue
-        faces.append(_read_array(folder / name))
+        faces.append(_read_array(folder / name, content))
     return faces
 
 

@@ -11,8 +11,10 @@ Utterances of all conversations are stored back to back: conversation c owns row
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +22,10 @@ from typing import Mapping
 
 import numpy as np
 
-from dataloader.cache import cache_path, files_stamp, load_cache, save_cache
-from dataloader.datasets import DEFAULT_FEATURES, MODALITIES, MODALITY_NAMES, DatasetSpec, get_spec
-from dataloader.datasets import DataError
+from dataloader.cache import (ContentDigest, FileScan, cache_path, cached_fingerprint, load_cache,
+                               save_cache, scan_files)
+from dataloader.datasets import (DEFAULT_FEATURES, MODALITIES, MODALITY_NAMES, DataError,
+                                 DatasetSpec, get_spec)
 from dataloader.features import MAX_ABS_FEATURE, read_feature_folder
 from dataloader.labels import Fold, LabelSet, read_label_file
 
@@ -44,7 +47,7 @@ class MultimodalDataset:
     labels: np.ndarray  # (N,) float32 (regression) or int64 (classes)
     features: dict[str, np.ndarray]  # modality -> (N, dim) float32
     folds: tuple[Fold, ...]
-    fingerprint: str = ""  # digest of the label file and every feature file (name, size, mtime)
+    fingerprint: str = ""  # digest of the bytes of the label file and of every feature file read
     empty_faces: dict[str, int] = field(default_factory=dict)  # modality -> zero-filled rows
 
     @property
@@ -72,12 +75,25 @@ def feature_names_from(audio: str | None = None, text: str | None = None,
     return {m: given[m] or DEFAULT_FEATURES[m] for m in MODALITIES}
 
 
+# (cache file, stamp) -> fingerprint, for data this process has read: a read-only data folder
+# keeps no cache, and a sweep's planning would otherwise read it twice.
+_FINGERPRINTS: dict[tuple[str, str], str] = {}
+
+
 def data_fingerprint(dataset: str, data_root: str | Path = "features",
                      feature_names: Mapping[str, str] | None = None) -> str:
-    """The digest of the label file and every feature file (name, size, mtime) that
-    `load_dataset` would read: part of every run's identity, computed without loading."""
-    _, label_path, folders = _paths(dataset, data_root, feature_names)
-    return files_stamp([label_path, *folders.values()])
+    """The digest of the content of the label file and of every feature file that
+    `load_dataset` reads: part of every run's identity. From the feature cache when the files
+    are unchanged (the quick check of `dataloader/cache.py`), otherwise by loading (which
+    builds the cache)."""
+    spec = get_spec(dataset)
+    names = dict(feature_names or feature_names_from())
+    root, label_path, folders = _paths(dataset, data_root, names)
+    scan = scan_files([label_path, *folders.values()])
+    cached_file = cache_path(root, spec.name, [names[m] for m in MODALITIES])
+    known = _FINGERPRINTS.get((str(cached_file), scan.stamp)) or cached_fingerprint(
+        cached_file, scan.stamp)
+    return known or load_dataset(dataset, data_root, names).fingerprint
 
 
 def _paths(dataset: str, data_root: str | Path,
@@ -88,8 +104,10 @@ def _paths(dataset: str, data_root: str | Path,
     root = Path(data_root) / spec.folder
     label_path = root / spec.label_file
     if not label_path.is_file():
+        what = f"is a symbolic link to {os.readlink(label_path)}, which does not exist" \
+            if label_path.is_symlink() else "label file not found"
         raise DataError(
-            f"{label_path}: label file not found; unpack the GCNet {spec.folder} data under "
+            f"{label_path}: {what}; unpack the GCNet {spec.folder} data under "
             f"{Path(data_root)} (see docs/data.md) or generate the synthetic set with "
             f"`python -m dataloader.synthetic --dataset {spec.name} --out {data_root}`.")
     folders = {m: root / "features" / names[m] for m in MODALITIES}
@@ -113,19 +131,23 @@ def load_dataset(dataset: str, data_root: str | Path = "features",
     source = "synthetic" if (root / SYNTHETIC_MARKER).is_file() else "real"
 
     started = time.perf_counter()
-    stamp = files_stamp([label_path, *folders.values()])
+    scan = scan_files([label_path, *folders.values()])  # before reading: a change meanwhile shows
+    stamp = scan.stamp
     cached_file = cache_path(root, spec.name, [names[m] for m in MODALITIES])
     expected = {**{f"features_{m}": ("<f4", (labels.num_utterances, None)) for m in MODALITIES},
                 **{f"empty_{m}": ("<i8", (1,)) for m in MODALITIES}}
     arrays = load_cache(cached_file, stamp, expected, MAX_ABS_FEATURE) if use_cache else None
-    if arrays is None:
-        arrays = _read_features(spec, labels, folders)
+    fingerprint = cached_fingerprint(cached_file, stamp) if arrays is not None else None
+    if arrays is None or fingerprint is None:
+        arrays, fingerprint = _read_features(spec, labels, label_path, folders)
         if use_cache:
-            save_cache(cached_file, stamp, arrays)
+            save_cache(cached_file, stamp, arrays, fingerprint)
         how = "read from files"
     else:
         how = f"loaded from cache {cached_file.name}"
+    _FINGERPRINTS[(str(cached_file), stamp)] = fingerprint
     log.info("%s features %s in %.2f s", spec.name, how, time.perf_counter() - started)
+    _say_ignored(scan)
 
     empty = {m: int(arrays[f"empty_{m}"][0]) for m in MODALITIES}
     for m, count in empty.items():
@@ -142,20 +164,39 @@ def load_dataset(dataset: str, data_root: str | Path = "features",
         speakers=np.array([s for spk in labels.speakers for s in spk]),
         labels=np.concatenate(labels.labels),
         features={m: arrays[f"features_{m}"] for m in MODALITIES},
-        folds=labels.folds, fingerprint=stamp, empty_faces=empty)
+        folds=labels.folds, fingerprint=fingerprint, empty_faces=empty)
 
 
-def _read_features(spec: DatasetSpec, labels: LabelSet,
-                   folders: Mapping[str, Path]) -> dict[str, np.ndarray]:
+def _read_features(spec: DatasetSpec, labels: LabelSet, label_path: Path,
+                   folders: Mapping[str, Path]) -> tuple[dict[str, np.ndarray], str]:
+    """The feature arrays, and the fingerprint of the bytes they were read from."""
     utterance_ids = [u for ids in labels.utterance_ids for u in ids]
     # IEMOCAP: prefix lookup and the speaker's own face, as GCNet reads it.
     speakers = [s for spk in labels.speakers for s in spk] if spec.num_folds > 1 else None
     arrays: dict[str, np.ndarray] = {}
+    parts = {"labels": hashlib.sha256(label_path.read_bytes()).hexdigest()}
     for m in MODALITIES:
-        matrix = read_feature_folder(folders[m], utterance_ids, speakers, faces=m == "v")
+        content = ContentDigest()
+        matrix = read_feature_folder(folders[m], utterance_ids, speakers, faces=m == "v",
+                                     content=content)
         arrays[f"features_{m}"] = matrix.values
         arrays[f"empty_{m}"] = np.array([matrix.empty_faces], dtype=np.int64)
-    return arrays
+        parts[m] = f"{folders[m].name}:{content.hexdigest()}"
+    return arrays, hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+_SAID: set[tuple[Path, ...]] = set()  # broken links already reported by this process
+
+
+def _say_ignored(scan: FileScan) -> None:
+    """Once per process: the broken links below the feature folders that no utterance reads
+    (one that an utterance reads stops the loading, named)."""
+    if scan.broken and scan.broken not in _SAID:
+        _SAID.add(scan.broken)
+        shown = ", ".join(str(p) for p in scan.broken[:3])
+        more = f" and {len(scan.broken) - 3} more" if len(scan.broken) > 3 else ""
+        log.warning("ignoring %d broken link(s) or unreadable folder(s) that no utterance reads: "
+                    "%s%s", len(scan.broken), shown, more)
 
 
 def read_marker(root: Path) -> dict | None:

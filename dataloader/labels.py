@@ -8,9 +8,10 @@ Split members come as Python sets; they are sorted here so that no run depends o
 from __future__ import annotations
 
 import pickle
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -80,13 +81,49 @@ def read_label_file(path: str | Path, spec: DatasetSpec) -> LabelSet:
     splits = []
     for name, members in zip(("train", "val", "test") if spec.has_validation else ("train", "test"),
                              split_sets):
+        odd = members if not isinstance(members, (set, frozenset, list, tuple)) else next(
+            (vid for vid in members if not isinstance(vid, str)), None)
+        if odd is not None:
+            raise DataError(f"{path}: the {name} split must be a set of conversation ids "
+                            f"(strings), but holds {type(odd).__name__} {str(odd)[:40]!r}; "
+                            f"replace the file with a GCNet label file.")
         unknown = sorted(set(members) - set(index))
         if unknown:
             raise DataError(f"{path}: the {name} split names conversations without ids, e.g. "
                             f"{unknown[0]!r}; the file is inconsistent, replace it.")
         splits.append(tuple(sorted(index[vid] for vid in members)))
-    return LabelSet(conversation_ids, tuple(utterances), tuple(labels), tuple(speakers),
-                    _folds(spec, conversation_ids, splits, path))
+    folds = _folds(spec, conversation_ids, splits, path)
+    for fold in folds:
+        _check_fold(fold, conversation_ids, path, named=len(folds) > 1)
+    return LabelSet(conversation_ids, tuple(utterances), tuple(labels), tuple(speakers), folds)
+
+
+def _check_fold(fold: Fold, conversation_ids: tuple[str, ...], path: Path, *, named: bool) -> None:
+    """Refuse, before any training, a fold whose splits would train on what it tests, train on
+    a conversation twice per epoch, or train or test on nothing."""
+    where = f"fold {fold.name!r}: " if named else ""
+    splits = {"train": fold.train, "val": fold.val, "test": fold.test}
+
+    def some(indices: Iterable[int]) -> str:
+        ids = [repr(conversation_ids[i]) for i in sorted(set(indices))]
+        return ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+
+    for name, members in splits.items():
+        repeated = [i for i, count in Counter(members).items() if count > 1]
+        if repeated:
+            raise DataError(f"{path}: {where}the {name} split lists {some(repeated)} more than "
+                            f"once; list each conversation once (a repeat is trained or scored "
+                            f"twice).")
+    for first, second in (("train", "test"), ("train", "val"), ("val", "test")):
+        shared = set(splits[first]) & set(splits[second])
+        if shared:
+            raise DataError(f"{path}: {where}{some(shared)} {'is' if len(shared) == 1 else 'are'} "
+                            f"in both the {first} and the {second} split; each conversation "
+                            f"belongs to one split, fix the file.")
+    for name in ("train", "test"):
+        if not splits[name]:
+            raise DataError(f"{path}: {where}the {name} split is empty; a run needs conversations "
+                            f"to {'train on' if name == 'train' else 'test on'}, fix the file.")
 
 
 def _checked_labels(per_conversation: list[np.ndarray], spec: DatasetSpec, path: Path,

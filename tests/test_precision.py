@@ -132,6 +132,6 @@ def test_a_sweep_with_amp_on_a_cpu_without_bf16_finds_its_own_complete_runs(tiny
             "--jobs", "1"]  # in this process, where the CPU is patched to lack bfloat16
     assert sweep.main(argv) == 0
     trained_again = []
-    monkeypatch.setattr(sweep.trainer, "run", lambda *args: trained_again.append(args))
+    monkeypatch.setattr(sweep.runner, "run", lambda *args: trained_again.append(args))
     assert sweep.main(argv) == 0
     assert trained_again == []  # planned as float32, the folder it wrote: complete before

@@ -25,7 +25,7 @@ from MoMKE.experiments import sweep
 from MoMKE.experiments.ray_executor import run_on_ray
 from MoMKE.results.report import write_report
 from MoMKE.runlog import read_result
-from MoMKE.trainer import torch_threads
+from MoMKE.runner import torch_threads
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,14 +28,14 @@ def test_plan_lists_every_seed_and_setting_in_stage1_order(tiny_root, tmp_path):
 
 def test_failed_runs_are_reported_and_the_sweep_goes_on(tiny_root, tmp_path, monkeypatch):
     config = tiny_config(tiny_root, tmp_path, test_condition=["a", "t"])
-    original = sweep.trainer.run
+    original = sweep.runner.run
 
     def flaky(config, data, setting, device):
         if setting.condition == "a":
             raise RuntimeError("disk full")
         return original(config, data, setting, device)
 
-    monkeypatch.setattr(sweep.trainer, "run", flaky)
+    monkeypatch.setattr(sweep.runner, "run", flaky)
     summary = sweep.run_locally(sweep.plan(config, [3]))
     assert [r.label for r in summary.trained] == ["CMUMOSI fixed-t seed 3"]
     assert [(r.label, e) for r, e in summary.failed] == [

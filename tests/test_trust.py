@@ -145,7 +145,8 @@ def test_changed_data_under_the_same_root_is_not_reused(mosi, tmp_path, capsys):
     assert _train(mosi, tmp_path / "out") == 0
     victim = sorted((mosi / "CMUMOSI" / "features" / DEFAULT_FEATURES["t"]).glob("*.npy"))[0]
     stat = victim.stat()
-    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # new data, same size
+    np.save(victim, np.load(victim) * 2)  # new data, same size
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     capsys.readouterr()
     assert _train(mosi, tmp_path / "out") == 0
     assert "complete already" not in capsys.readouterr().out

@@ -20,7 +20,7 @@ added to the projected wall times. With `--official-code PATH` the official impl
 in the same invocation (fold 1, the same epochs) and the ratios use its measured seconds; without
 it they use the figures quoted from the speed issues (another day on this machine kind).
 
-What is timed is what the run scripts pay: real runs (`MoMKE.trainer.run`: run folder, epoch log,
+What is timed is what the run scripts pay: real runs (`MoMKE.runner.run`: run folder, epoch log,
 checkpoint, predictions, stage-1 cache) in a temporary output folder, one warm-up and `--epochs`
 measured epochs per stage, medians; a run's cost beyond its epochs is its overhead.
 """
@@ -47,14 +47,12 @@ from dataloader.datasets import get_spec
 from dataloader.gcnet import load_dataset
 from dataloader.synthetic import generate
 from MoMKE.config import PAPER_SCHEDULE, TrainConfig
-from MoMKE.experiments.throughput import (
-    matmul_throughput,
-    model_flops,
-)
+from MoMKE.experiments.throughput import matmul_throughput, model_flops
 from MoMKE.model import MODALITIES, MoMKE
 from MoMKE.protocols import CONDITIONS, RATES, MissingSetting
 from MoMKE.runtime import bf16_supported, peak_memory, resolve_device
-from MoMKE.trainer import FoldTrainer, as_run_on, run
+from MoMKE.runner import as_run_on, run
+from MoMKE.trainer import FoldTrainer
 
 # The official implementation on this machine kind (2 cores, no GPU), from the speed issues:
 # seconds per epoch (stage 1, stage 2 atv) and hours for the seven-condition table at paper
@@ -125,7 +123,7 @@ def _cost(records: list[dict], counts: dict[str, float]) -> dict:
 def measure(dataset: str, data_root: Path, device: torch.device, epochs: int,
             mode: str = "fp32") -> dict:
     """Everything the report needs for one dataset in one mode (`MODES`), measured in this
-    process on real runs: `MoMKE.trainer.run`, what the run scripts call, with its run folder,
+    process on real runs: `MoMKE.runner.run`, what the run scripts call, with its run folder,
     epoch log, checkpoints and stage-1 cache, in a temporary output folder. Each stage runs one
     warm-up epoch and `epochs` measured ones (fold 1); the seven conditions reuse the stage 1 of
     the first, as in a sweep; two missing rates train their own. Per run, what it costs beyond

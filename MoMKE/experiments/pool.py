@@ -6,7 +6,7 @@ small (a few thousand utterances by 256), so one run does not keep many cores bu
 CPU two 1-thread runs at once finish a table sooner than one 2-thread run after another, and one
 run uses a small fraction of a modern GPU. `run_in_pool` trains the planned runs in K processes;
 a stage 1 that several runs share is trained once, by a task of its own, before they start
-(`runplan.shared_stage1`), and runs of other groups go on meanwhile.
+(`plan.shared_stage1`), and runs of other groups go on meanwhile.
 
 Why worker processes and not Ray's local mode: Ray's local mode runs every task in the driver, one
 after another (it is a debugging aid), and Ray is an optional dependency; a process pool needs
@@ -22,20 +22,23 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from dataloader.batch import BatchBuilder
 from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset
-from MoMKE import trainer
+from MoMKE import runner, trainer
 from MoMKE.config import TrainConfig
-from MoMKE.experiments.plan import RunSpec, SweepSummary, pending_runs, shared_stage1
+from MoMKE.experiments.plan import (RunSpec, SweepSummary, file_locked, shared_stage1,
+                                    wait_for_others)
 from MoMKE.protocols import MissingSetting
-from MoMKE.runlog import RunLocked, setup_console_logging
+from MoMKE.runlog import setup_console_logging
 from MoMKE.runtime import resolve_device
 
 log = logging.getLogger("MoMKE")
@@ -123,6 +126,9 @@ def _init_worker(slots: "multiprocessing.Queue[int]", cores_per_slot: list[list[
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)  # before CUDA starts here
     torch.set_num_threads(threads)
     setup_console_logging(logging.WARNING)  # epoch lines go to each run.log
+    # tqdm's default lock is a multiprocessing one: a worker stopped by Ctrl-C would leave it
+    # registered, and its "leaked semaphore" warning would follow the sweep's last line.
+    tqdm.set_lock(threading.RLock())
 
 
 def _dataset(config: TrainConfig) -> MultimodalDataset:
@@ -135,11 +141,11 @@ def _dataset(config: TrainConfig) -> MultimodalDataset:
 
 
 def _stage1_task(config: TrainConfig, setting: MissingSetting) -> None:
-    trainer.train_stage1(config, _dataset(config), setting, resolve_device(config.device))
+    runner.train_stage1(config, _dataset(config), setting, resolve_device(config.device))
 
 
 def _run_task(config: TrainConfig, setting: MissingSetting) -> None:
-    trainer.run(config, _dataset(config), setting, resolve_device(config.device))
+    runner.run(config, _dataset(config), setting, resolve_device(config.device))
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -147,9 +153,7 @@ def _run_task(config: TrainConfig, setting: MissingSetting) -> None:
 def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummary:
     """Train every pending run of `runs` in `jobs` worker processes with `threads` torch
     threads each (a run's own --threads wins); return what was trained, complete and failed."""
-    summary = SweepSummary()
-    pending = pending_runs(runs)
-    summary.skipped = [run for run in runs if run not in pending]
+    summary, pending = SweepSummary.begin(runs)
     if not pending:
         return summary
     groups = shared_stage1(pending)
@@ -173,10 +177,11 @@ def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummar
     try:
         for key, members in groups.items():
             first = members[0]
-            futures[pool.submit(_stage1_task, with_threads(first), first.setting)] = ("stage 1", key)
+            futures[_submit(pool, _stage1_task, with_threads(first), first.setting)] = \
+                ("stage 1", key)
         for run in pending:
             if id(run) not in grouped:
-                futures[pool.submit(_run_task, with_threads(run), run.setting)] = ("run", run)
+                futures[_submit(pool, _run_task, with_threads(run), run.setting)] = ("run", run)
         while futures:
             done, _ = wait(futures, return_when=FIRST_COMPLETED)
             for future in done:
@@ -185,8 +190,8 @@ def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummar
                 if kind == "stage 1":
                     for run in groups[what]:
                         if error is None:
-                            futures[pool.submit(_run_task, with_threads(run), run.setting)] = \
-                                ("run", run)
+                            futures[_submit(pool, _run_task, with_threads(run),
+                                            run.setting)] = ("run", run)
                         else:
                             summary.failed.append((run, f"its stage 1 failed: {_line(error)}"))
                     if error is not None:
@@ -195,9 +200,11 @@ def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummar
                     continue
                 if error is None:
                     summary.trained.append(what)
+                elif file_locked(summary, what, error):
+                    continue  # another process trains it: waited for below
                 else:
                     log.error("%s failed: %s", what.label, _detail(error))
-                    summary.failed.append((what, _line(error)))
+                    summary.fail(what, _line(error), error)
                 log.info("[%d/%d] %s %s (%.0f s into the sweep)",
                          len(summary.trained) + len(summary.failed), total, what.label,
                          "done" if error is None else "FAILED", time.perf_counter() - started)
@@ -206,16 +213,32 @@ def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummar
         raise
     pool.shutdown()
     summary.sort_like(pending)
+    wait_for_others(summary, lambda rest: run_in_pool(rest, jobs, threads))
     return summary
+
+
+def _submit(pool: ProcessPoolExecutor, task: Callable[..., None], *args: object) -> Future:
+    """`pool.submit`, with Ctrl-C ignored for that moment. A worker is spawned inside submit,
+    and Python keeps an ignored SIGINT ignored, so the worker never sees a Ctrl-C sent to the
+    whole process group, not even while it still imports (where its initializer could not
+    help yet); the sweep stops its workers itself."""
+    if threading.current_thread() is not threading.main_thread():
+        return pool.submit(task, *args)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return pool.submit(task, *args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Cancel what has not started and end the workers now (their runs resume on the next
     sweep: a run without result.json is trained again)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown drops them
     pool.shutdown(wait=False, cancel_futures=True)
-    for process in list(getattr(pool, "_processes", {}).values()):
+    for process in processes:
         process.terminate()
-    for process in list(getattr(pool, "_processes", {}).values()):
+    for process in processes:
         process.join(timeout=10)
 
 
@@ -225,6 +248,6 @@ def _line(error: BaseException) -> str:
 
 def _detail(error: BaseException) -> str:
     """A refusal in its one sentence; anything unexpected with the worker's traceback."""
-    if isinstance(error, (trainer.Diverged, RunLocked)):
+    if isinstance(error, runner.STATED_FAILURES):
         return str(error)
     return "".join(traceback.format_exception(error)).rstrip()

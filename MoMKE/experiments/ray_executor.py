@@ -30,9 +30,10 @@ from typing import Any, Sequence
 import torch
 
 from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset
-from MoMKE import trainer
+from MoMKE import runner
 from MoMKE.config import ConfigError, TrainConfig
-from MoMKE.experiments.plan import RunSpec, SweepSummary, pending_runs, shared_stage1
+from MoMKE.experiments.plan import (RunSpec, SweepSummary, file_locked, shared_stage1,
+                                    wait_for_others)
 from MoMKE.protocols import MissingSetting
 from MoMKE.runlog import setup_console_logging
 from MoMKE.runtime import resolve_device
@@ -68,9 +69,7 @@ def run_on_ray(runs: Sequence[RunSpec], *, address: str = "local", cpus_per_run:
     """
     ray = import_ray()
     _check_resources(cpus_per_run, gpus_per_run, max_retries, runs)
-    summary = SweepSummary()
-    pending = pending_runs(runs)
-    summary.skipped = [run for run in runs if run not in pending]
+    summary, pending = SweepSummary.begin(runs)
     if not pending:
         return summary
     for config in {_data_key(run.config): run.config for run in pending}.values():
@@ -90,6 +89,9 @@ def run_on_ray(runs: Sequence[RunSpec], *, address: str = "local", cpus_per_run:
         if connected_here:
             ray.shutdown()
     summary.sort_like(pending)
+    wait_for_others(summary, lambda rest: run_on_ray(
+        rest, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+        max_retries=max_retries))
     return summary
 
 
@@ -98,7 +100,7 @@ def run_on_ray(runs: Sequence[RunSpec], *, address: str = "local", cpus_per_run:
 def train_stage1_task(config: TrainConfig, setting: MissingSetting, workdir: str) -> None:
     """Ray task: train (or find cached) stage 1 of every fold of `setting`'s group."""
     data, device = _task_setup(config, workdir)
-    trainer.train_stage1(config, data, setting, device)
+    runner.train_stage1(config, data, setting, device)
 
 
 def train_run_task(config: TrainConfig, setting: MissingSetting, workdir: str,
@@ -107,7 +109,7 @@ def train_run_task(config: TrainConfig, setting: MissingSetting, workdir: str,
     resolves it to None before this starts: it is here so that this task waits for it), or None
     when the run trains its own stage 1."""
     data, device = _task_setup(config, workdir)
-    trainer.run(config, data, setting, device)
+    runner.run(config, data, setting, device)
 
 
 def _task_setup(config: TrainConfig, workdir: str) -> tuple[MultimodalDataset, torch.device]:
@@ -149,6 +151,7 @@ def _submit(ray: Any, pending: list[RunSpec], options: dict, threads: int) -> di
 class _Failure:
     line: str  # the error in one line, as the summary shows it
     detail: str  # what Ray reports: the remote traceback, or how the worker died
+    error: BaseException | None = None  # the run's own exception, when it raised one
 
 
 def _collect(ray: Any, refs: dict[Any, tuple], summary: SweepSummary, max_retries: int) -> None:
@@ -172,9 +175,11 @@ def _collect(ray: Any, refs: dict[Any, tuple], summary: SweepSummary, max_retrie
             elif stage1 is not None and (shared := _failure_of(ray, stage1, failures,
                                                                 max_retries)) is not None:
                 summary.failed.append((run, f"its stage 1 failed: {shared.line}"))
+            elif file_locked(summary, run, failure.error):
+                continue  # another process trains it: waited for after the others
             else:
                 log.error("%s failed: %s", run.label, failure.detail)
-                summary.failed.append((run, failure.line))
+                summary.fail(run, failure.line, failure.error)
             log.info("[%d/%d] %s %s (%.0f s into the sweep)",
                      len(summary.trained) + len(summary.failed), total, run.label,
                      "done" if failure is None else "FAILED", time.perf_counter() - started)
@@ -189,7 +194,7 @@ def _failure_of(ray: Any, ref: Any, failures: dict, max_retries: int) -> _Failur
             failures[ref] = None
         except ray.exceptions.RayTaskError as error:  # the run's own exception: not retried
             cause = error.cause
-            failures[ref] = _Failure(f"{type(cause).__name__}: {cause}", str(error))
+            failures[ref] = _Failure(f"{type(cause).__name__}: {cause}", str(error), cause)
         except ray.exceptions.RayError as error:  # its worker or node died on every attempt
             text = str(error).strip()
             failures[ref] = _Failure(

@@ -26,21 +26,16 @@ from typing import Sequence
 from dataloader.datasets import DataError, get_spec
 from dataloader.gcnet import data_fingerprint, feature_names_from, load_dataset
 from dataloader.synthetic import generate
-from MoMKE import trainer
+from MoMKE import runner
 from MoMKE.config import ABLATIONS, ConfigError, TrainConfig, check_seed, parse_config
-from MoMKE.experiments.plan import RunSpec, SweepSummary, pending_runs
-from MoMKE.experiments.pool import (
-    available_cores,
-    default_jobs,
-    probe_cuda_peak,
-    run_in_pool,
-)
+from MoMKE.experiments.plan import (RunSpec, SweepSummary, file_locked, pending_runs,
+                                    wait_for_others)
+from MoMKE.experiments.pool import available_cores, default_jobs, probe_cuda_peak, run_in_pool
 from MoMKE.experiments.ray_executor import import_ray, run_on_ray
 from MoMKE.protocols import settings_from
 from MoMKE.results import report
-from MoMKE.runlog import RunLocked, check_output_dir, setup_console_logging
+from MoMKE.runlog import check_output_dir, setup_console_logging
 from MoMKE.runtime import resolve_device
-from MoMKE.trainer import Diverged
 
 log = logging.getLogger("MoMKE")
 
@@ -68,14 +63,29 @@ def plan(config: TrainConfig, seeds: Sequence[int], *, unified: str | None = Non
         if unified:
             single = dataclasses.replace(config, seed=seed, ablation="none", train_missing=unified)
             runs.append(RunSpec(single, settings_from([], [], unified)[0], fingerprint))
-    return runs
+    return _once_each(runs)
+
+
+def _once_each(runs: list[RunSpec]) -> list[RunSpec]:
+    """The runs without repeats (a seed, condition, rate or ablation listed twice is one run
+    folder), with a note: trained twice, a run would also count twice in the summary."""
+    unique: dict[Path, RunSpec] = {}
+    repeated = []
+    for run in runs:
+        if run.folder in unique:
+            repeated.append(run.label)
+        else:
+            unique[run.folder] = run
+    if repeated:
+        log.warning("sweep: %s listed more than once (by --seeds, --test-condition, "
+                    "--missing-rate or --ablations); planned once", ", ".join(dict.fromkeys(
+                        repeated)))
+    return list(unique.values())
 
 
 def run_locally(runs: Sequence[RunSpec]) -> SweepSummary:
     """The in-process executor: one run after another, the dataset loaded once."""
-    summary = SweepSummary()
-    pending = pending_runs(runs)
-    summary.skipped = [run for run in runs if run not in pending]
+    summary, pending = SweepSummary.begin(runs)
     if not pending:
         return summary
     first = pending[0].config
@@ -85,14 +95,16 @@ def run_locally(runs: Sequence[RunSpec]) -> SweepSummary:
     for number, run in enumerate(pending, start=1):
         log.info("[%d/%d] %s", number, len(pending), run.label)
         try:
-            trainer.run(run.config, data, run.setting, device)
+            runner.run(run.config, data, run.setting, device)
             summary.trained.append(run)
-        except (Diverged, RunLocked) as error:  # said in one sentence; the sweep goes on
-            log.error("%s failed: %s", run.label, error)
-            summary.failed.append((run, f"{type(error).__name__}: {error}"))
+        except runner.STATED_FAILURES as error:  # said in one sentence; the sweep goes on
+            if not file_locked(summary, run, error):
+                log.error("%s failed: %s", run.label, error)
+                summary.fail(run, f"{type(error).__name__}: {error}", error)
         except Exception as error:  # unexpected: with its traceback; the sweep goes on
             log.error("%s failed: %s\n%s", run.label, error, traceback.format_exc())
-            summary.failed.append((run, f"{type(error).__name__}: {error}"))
+            summary.fail(run, f"{type(error).__name__}: {error}", error)
+    wait_for_others(summary, run_locally)
     return summary
 
 
@@ -165,18 +177,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_console_logging()
     args, train_args = build_parser().parse_known_args(argv)
+    runs: list[RunSpec] = []
+    try:
+        return _sweep(args, train_args, runs)
+    except KeyboardInterrupt:
+        # One line instead of a traceback: what is kept, and that the same command goes on.
+        done = sum(run.is_complete() for run in runs)
+        kept = f"{done} of {len(runs)} planned runs are complete" if runs else \
+            "no run was planned yet"
+        print(f"\ninterrupted: {kept}; run the same command again to continue (complete runs "
+              f"are skipped).", file=sys.stderr)
+        return 130
+
+
+def _sweep(args: argparse.Namespace, train_args: list[str], runs: list[RunSpec]) -> int:
+    """The sweep of `main`; fills `runs` as soon as they are planned."""
     try:
         config = parse_config(train_args)
         # What runs on this device (--amp dropped where it has no bfloat16), so the planned run
         # folders are the ones the runs write.
-        config = trainer.as_run_on(config, resolve_device(config.device))
+        config = runner.as_run_on(config, resolve_device(config.device))
         seeds = _seeds(args.seeds, config.seed)
-        check_output_dir(config.output_dir)
+        check_output_dir(config.output_dir, config.dataset)
         if args.launcher == "ray":
             import_ray()  # say how to install it before anything else happens
         config = resolve_data_root(config, args.synthetic_fallback)
-        runs = plan(config, seeds, unified=None if args.unified == "none" else args.unified,
-                    ablations=_ablations(args.ablations))
+        runs += plan(config, seeds, unified=None if args.unified == "none" else args.unified,
+                     ablations=_ablations(args.ablations))
+        check_output_dir(config.output_dir, config.dataset, len(pending_runs(runs)))
         jobs, threads = _jobs(args.jobs, config, runs) if args.launcher == "local" else (1, 0)
     except (ConfigError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -249,7 +277,11 @@ def _seeds(text: str | None, default: int) -> list[int]:
         raise ConfigError("--seeds is empty; give at least one seed.")
     for seed in seeds:
         check_seed(seed)
-    return seeds
+    unique = list(dict.fromkeys(seeds))
+    if len(unique) < len(seeds):
+        log.warning("--seeds %s lists %s more than once; each seed is planned once", text,
+                    ", ".join(str(s) for s in unique if seeds.count(s) > 1))
+    return unique
 
 
 if __name__ == "__main__":

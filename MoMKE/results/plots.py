@@ -3,6 +3,7 @@ conditions as bars. Titles carry the data source; axes carry units; published va
 where they exist (dashed line or black marker)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dataloader.atomic import write_atomic  # noqa: E402
 from dataloader.datasets import get_spec  # noqa: E402
 from MoMKE.results.report import (  # noqa: E402
     METRIC_NAMES,
@@ -24,6 +26,14 @@ from MoMKE.results.report import (  # noqa: E402
 from MoMKE.selection import RULE_LABELS, RULES  # noqa: E402
 
 RULE_STYLE = {"best_test": "tab:red", "best_val": "tab:blue", "last": "tab:gray"}
+
+
+def _save(figure: plt.Figure, path: Path) -> None:
+    """The PNG through memory and an atomic write: a full disk leaves no half image."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    write_atomic(path, buffer.getbuffer())
 
 
 def _unit(metric: str) -> str:
@@ -74,8 +84,7 @@ def _rate_plot(dataset: str, source: str, rows: list[Row], metric: str, path: Pa
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
     return path
 
 
@@ -108,8 +117,7 @@ def _condition_plot(dataset: str, source: str, rows: list[Row], path: Path) -> P
         axis.grid(axis="y", alpha=0.3)
         axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
     return path
 
 
@@ -127,6 +135,5 @@ def _router_heatmap(dataset: str, source: str, routers: dict, path: Path) -> Pat
     axis.set_title(_title(dataset, source, "mean router weights (test, last epoch)"), fontsize=8)
     figure.colorbar(image, ax=axis, label="weight (fraction)")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
     return path

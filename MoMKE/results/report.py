@@ -17,7 +17,9 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import yaml
 
+from dataloader.atomic import NoSpace, write_atomic, write_errors_named
 from dataloader.datasets import DATASETS, get_spec
 from MoMKE.config import PAPER_SCHEDULE
 from MoMKE.protocols import CONDITIONS, RATES
@@ -409,6 +412,11 @@ def markdown(key: Key, results: list[dict], rows: list[Row], mae_corr: str = "al
     out += [f"- {line}" for line in header_lines(key, results, mae_corr)]
     if intervals is not None:
         out += [f"- {intervals.header()}"]
+        unusable = [f"{r['folder']}/predictions.npz {why}" for r in results if r.get("folder")
+                    and (why := intervals.saved.problem(r["folder"])) is not None]
+        if unusable:
+            out += [f"- No interval from {len(unusable)} run(s) (nor for the rows and averages "
+                    f"they are part of): {'; '.join(unusable)}."]
         out += _optimism_section(dataset, results, intervals)
     for protocol, title in (("fixed", "Fixed missing protocol (one model per test condition)"),
                             ("random", "Random missing rate (one model per rate)")):
@@ -833,7 +841,7 @@ def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_co
     appended to `skipped` as (folder, why)."""
     found = collect(paths)
     groups = group(found.results)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     written = []
     datasets = [key[0] for key in groups]
     for key, members in groups.items():
@@ -851,18 +859,27 @@ def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_co
             found.skipped += [(r["folder"], f"its group {prefix} could not be tabulated "
                                             f"({type(error).__name__}: {error})") for r in members]
             continue
-        (out / f"{prefix}.md").write_text(tables[0])
-        (out / f"{prefix}.csv").write_text(tables[1])
+        write_atomic(out / f"{prefix}.md", tables[0])
+        write_atomic(out / f"{prefix}.csv", tables[1])
         written += [out / f"{prefix}.md", out / f"{prefix}.csv"]
         if plots:
             from MoMKE.results.plots import plot_group  # matplotlib only when plotting
             written += plot_group(key, members, rows, out, prefix)
     for stem, lines in arithmetic_comparisons(found.results).items():
-        (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        write_atomic(out / f"{stem}.md", "\n".join(lines) + "\n")
         written.append(out / f"{stem}.md")
     if skipped is not None:
         skipped.extend(found.skipped)
     return written
+
+
+def check_writable(out: Path) -> None:
+    """Raise OSError unless files can be created in `out` (made when absent), before any table
+    is computed: the default output lies inside the runs, which may be read-only."""
+    with write_errors_named(out):
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -894,10 +911,21 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     skipped: list[tuple[str, str]] = []
-    written = write_report(args.paths, args.out or args.paths[0] / "report",
-                           plots=not args.no_plots, mae_corr=args.mae_corr, ci=args.ci,
-                           resamples=args.resamples,
-                           skipped=skipped)
+    out = args.out or args.paths[0] / "report"
+    try:
+        check_writable(out)
+        written = write_report(args.paths, out, plots=not args.no_plots, mae_corr=args.mae_corr,
+                               ci=args.ci, resamples=args.resamples, skipped=skipped)
+    except NoSpace as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        why = os.strerror(error.errno) if error.errno else str(error)
+        fix = "choose a folder you can write to" if args.out else \
+            (f"write the report elsewhere with `python -m MoMKE.report "
+             f"{' '.join(map(str, args.paths))} --out DIR`")
+        print(f"error: {out} cannot be written ({why}); {fix}.", file=sys.stderr)
+        return 2
     for folder, why in skipped:
         print(f"skipped {folder}: {why}", file=sys.stderr)
     if not written:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -333,6 +334,34 @@ def _undefined(replicates: np.ndarray) -> int:
 
 # ----------------------------------------------------------------------------- saved runs
 
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why `path` does not load, in a few words (numpy's own words assume a pickle)."""
+    try:
+        with path.open("rb") as handle:
+            archive = handle.read(4) == b"PK\x03\x04"
+    except OSError:
+        archive = True
+    if not archive:
+        return "is not an .npz archive"
+    return f"cannot be read ({type(error).__name__}: {error})"
+
+
+def _check_predictions(arrays: dict[str, np.ndarray]) -> None:
+    """Raise ValueError unless every fold has ids, conversation and labels of one length and
+    predictions of that length (what `MoMKE/trainer.py` writes)."""
+    folds = {name.split("__")[0] for name in arrays}
+    if not folds or any(not (f.startswith("fold") and f[4:].isdigit()) for f in folds):
+        raise ValueError(f"its arrays are not per fold ({', '.join(sorted(arrays)[:3])})")
+    for fold in folds:
+        members = {name: a for name, a in arrays.items() if name.startswith(fold + "__")}
+        missing = [k for k in ("ids", "conversation", "labels") if f"{fold}__{k}" not in members]
+        if missing:
+            raise ValueError(f"{fold} lacks {', '.join(missing)}")
+        sizes = {a.shape for a in members.values()}
+        if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+            raise ValueError(f"{fold} holds arrays of different shapes {sorted(sizes)}")
+
+
 class SavedRuns:
     """Bootstrap replicates of the test metrics of saved runs, read from their `predictions.npz`
     (written by MoMKE.train: per fold the test utterances' ids, conversation index and labels, and
@@ -346,6 +375,12 @@ class SavedRuns:
         self.resamples, self.level, self.seed = resamples, level, seed
         self._files: dict[str, dict[str, np.ndarray] | None] = {}
         self._replicates: dict[tuple[str, str, str], dict[str, np.ndarray] | None] = {}
+        self.problems: dict[str, str] = {}  # folder -> why its predictions.npz is not used
+
+    def problem(self, folder: str) -> str | None:
+        """Why the predictions of the run in `folder` cannot be used, or None."""
+        self._load(folder)
+        return self.problems.get(folder)
 
     def replicates(self, folder: str, view: str, rule: str, *,
                    regression: bool) -> dict[str, np.ndarray] | None:
@@ -369,11 +404,16 @@ class SavedRuns:
 
     def _load(self, folder: str) -> dict[str, np.ndarray] | None:
         if folder not in self._files:
+            self._files[folder] = None
             try:
                 with np.load(f"{folder}/predictions.npz", allow_pickle=False) as data:
-                    self._files[folder] = {name: data[name] for name in data.files}
-            except (OSError, ValueError):
-                self._files[folder] = None
+                    arrays = {name: data[name] for name in data.files}
+                _check_predictions(arrays)
+                self._files[folder] = arrays
+            except FileNotFoundError:
+                self.problems[folder] = "is absent"
+            except Exception as error:  # noqa: BLE001 - any damage: no interval, and said so
+                self.problems[folder] = _unreadable(Path(folder) / "predictions.npz", error)
         return self._files[folder]
 
     def _compute(self, folder: str, view: str, rule: str,
