@@ -83,7 +83,6 @@ def pending_runs(runs: Sequence[RunSpec]) -> list[RunSpec]:
     return [run for run in runs if run.config.force or not run.is_complete()]
 
 
-
 # ----------------------------------------------------------------------------- one run
 
 def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,

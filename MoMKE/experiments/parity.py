@@ -39,7 +39,7 @@ from MoMKE.config import ConfigError, TrainConfig, parse_config
 from MoMKE.experiments import official, sweep
 from MoMKE.protocols import CONDITIONS
 from MoMKE.results import equivalence
-from MoMKE.results.report import collect
+from MoMKE.results.collect import collect
 from MoMKE.runlog import setup_console_logging
 
 log = logging.getLogger("MoMKE")

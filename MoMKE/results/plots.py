@@ -14,15 +14,8 @@ import numpy as np  # noqa: E402
 
 from dataloader.atomic import write_atomic  # noqa: E402
 from dataloader.datasets import get_spec  # noqa: E402
-from MoMKE.results.report import (  # noqa: E402
-    METRIC_NAMES,
-    PERCENT_METRICS,
-    Row,
-    cell,
-    published_value,
-    router_table,
-    variant,
-)
+from MoMKE.results.rows import (METRIC_NAMES, PERCENT_METRICS, Row, cell,  # noqa: E402
+                                published_value, router_table, variant)
 from MoMKE.selection import RULE_LABELS, RULES  # noqa: E402
 
 RULE_STYLE = {"best_test": "tab:red", "best_val": "tab:blue", "last": "tab:gray"}
