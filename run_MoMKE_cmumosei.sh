@@ -1,8 +1,8 @@
 #!/bin/sh
 # MoMKE on CMU-MOSEI (sentiment; Acc2, F1, MAE, Corr, Acc7) at the paper's settings:
 # the seven fixed conditions (a, t, v, at, av, tv, atv) and the missing rates 0.0-0.7.
-# Time: about 3.5 h in float32 on a 2-core CPU, code of 2026-11-27 (projected by
-# `python -m MoMKE.bench` from measured epochs).
+# Time on a 2-core CPU in float32: about 3.5 h projected by `python -m MoMKE.bench` (code of
+# 2026-11-27); a 4-epoch atv run measured 9.8 min on 2026-12-03 under load (README, Runtime).
 # Results: one folder per run in saved/CMUMOSEI/ (docs/runs.md); the tables, with 95 % bootstrap
 # intervals, printed at the end and written to saved/CMUMOSEI/report/. Without features/CMUMOSEI/
 # the synthetic default is generated into features/synthetic/ and used, labelled SYNTHETIC.
