@@ -1,8 +1,8 @@
 #!/bin/sh
 # MoMKE on CMU-MOSEI (sentiment; Acc2, F1, MAE, Corr, Acc7) at the paper's settings:
 # the seven fixed conditions (a, t, v, at, av, tv, atv) and the missing rates 0.0-0.7.
-# Time on a 2-core CPU in float32: about 3.5 h projected by `python -m MoMKE.bench` (code of
-# 2026-11-27); a 4-epoch atv run measured 9.8 min on 2026-12-03 under load (README, Runtime).
+# Time: about 2.2 h in float32 on an idle 2-core CPU, 2026-12-04 (README, Runtime; projected by
+# `python -m MoMKE.bench` from epochs measured at this size: 4.9 s stage 1, 12.6 s stage 2 atv).
 # Results: one folder per run in saved/CMUMOSEI/ (docs/runs.md); the tables, with 95 % bootstrap
 # intervals, printed at the end and written to saved/CMUMOSEI/report/. Without features/CMUMOSEI/
 # the synthetic default is generated into features/synthetic/ and used, labelled SYNTHETIC.

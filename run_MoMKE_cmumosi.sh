@@ -1,7 +1,7 @@
 #!/bin/sh
 # MoMKE on CMU-MOSI (sentiment; Acc2, F1, MAE, Corr, Acc7) at the paper's settings:
 # the seven fixed conditions (a, t, v, at, av, tv, atv) and the missing rates 0.0-0.7.
-# Time: about 40 min in float32 on a 2-core CPU, code of 2026-12-02 (README, Runtime, row "the
+# Time: about 36 min in float32 on an idle 2-core CPU, 2026-12-04 (README, Runtime, row "the
 # whole run script"; projected by `python -m MoMKE.bench` from measured epochs).
 # Results: one folder per run in saved/CMUMOSI/ (docs/runs.md); the tables, with 95 % bootstrap
 # intervals, printed at the end and written to saved/CMUMOSI/report/. Without features/CMUMOSI/

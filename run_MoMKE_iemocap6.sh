@@ -1,9 +1,8 @@
 #!/bin/sh
 # MoMKE on IEMOCAP, 6 classes (emotion; WA, UA, F1, five session folds) at the paper's settings:
 # the seven fixed conditions (a, t, v, at, av, tv, atv) and the missing rates 0.0-0.7.
-# Time on a 2-core CPU in float32: about 20 h projected by `python -m MoMKE.bench` (code of
-# 2026-11-27); a 4-epoch atv run (5 folds) measured 12.9 min on 2026-12-03 under load
-# (README, Runtime).
+# Time: about 8.4 h in float32 on an idle 2-core CPU, 2026-12-04 (README, Runtime; projected by
+# `python -m MoMKE.bench` from epochs measured at this size: 1.9 s stage 1, 4.7 s stage 2 atv).
 # Results: one folder per run in saved/IEMOCAPSix/ (docs/runs.md); the tables, with 95 % bootstrap
 # intervals, printed at the end and written to saved/IEMOCAPSix/report/. Without features/IEMOCAP/
 # the synthetic default is generated into features/synthetic/ and used, labelled SYNTHETIC.
