@@ -2,6 +2,13 @@
 stage 1 once before its runs, and picks its size from the cores and the memory."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,3 +66,48 @@ def test_jobs_must_be_auto_or_a_positive_number(tiny_root, tmp_path, capsys):
     code = sweep.main(["--dataset", "CMUMOSI", "--data-root", str(tiny_root), "--output-dir",
                        str(tmp_path), "--jobs", "0"])
     assert code == 2 and "--jobs '0' must be auto or a positive number" in capsys.readouterr().err
+
+
+def _children(pid: int) -> set[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(c) for c in children.read_text().split()} if children.exists() else set()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a container's first process may never reap what it adopts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_workers_end_when_their_sweep_is_killed_outright(tiny_root, tmp_path):
+    """SIGKILL gives a sweep no chance to stop its pool: each worker notices its parent is
+    gone and ends, instead of training on for nobody."""
+    root = Path(__file__).resolve().parents[1]
+    output = tmp_path / "killed"
+    command = [sys.executable, "-m", "MoMKE.sweep", "--dataset", "CMUMOSI", "--data-root",
+               str(tiny_root), "--output-dir", str(output), "--test-condition", "a,t,atv",
+               "--missing-rate", "0.3", "--seeds", "4", "--epochs", "400", "--stage-epochs",
+               "200", "--hidden", "8", "--depth", "1", "--batch-size", "4", "--jobs", "2",
+               "--threads", "1"]
+    sweep_process = subprocess.Popen(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, workers = time.time() + 120, set()
+        while time.time() < deadline and sweep_process.poll() is None:
+            if len(list(output.glob("CMUMOSI/*/epochs.jsonl"))) >= 2:  # both workers train
+                workers = {c for c in _children(sweep_process.pid)
+                           if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()}
+                break
+            time.sleep(0.1)
+        assert len(workers) == 2, "two workers should be training when the sweep is killed"
+    finally:
+        sweep_process.send_signal(signal.SIGKILL)
+        sweep_process.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    assert not any(_alive(w) for w in workers), "a worker trained on after its sweep was killed"

@@ -125,10 +125,24 @@ def _init_worker(slots: "multiprocessing.Queue[int]", cores_per_slot: list[list[
     if gpus > 1:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)  # before CUDA starts here
     torch.set_num_threads(threads)
+    _end_with_parent(os.getppid())
     setup_console_logging(logging.WARNING)  # epoch lines go to each run.log
     # tqdm's default lock is a multiprocessing one: a worker stopped by Ctrl-C would leave it
     # registered, and its "leaked semaphore" warning would follow the sweep's last line.
     tqdm.set_lock(threading.RLock())
+
+
+def _end_with_parent(parent: int, every_seconds: float = 1.0) -> None:
+    """End this worker once the sweep that started it is gone. A sweep killed outright (SIGKILL,
+    the out-of-memory killer) cannot stop its pool, and an orphaned worker would train on,
+    holding its cores, for a sweep nobody waits for; its unfinished run has no result.json and
+    is trained again by the next sweep."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-sweep", daemon=True).start()
 
 
 def _dataset(config: TrainConfig) -> MultimodalDataset:
