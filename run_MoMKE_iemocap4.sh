@@ -1,7 +1,7 @@
 #!/bin/sh
 # MoMKE on IEMOCAP, 4 classes (emotion; WA, UA, F1, five session folds) at the paper's settings:
 # the seven fixed conditions (a, t, v, at, av, tv, atv) and the missing rates 0.0-0.7.
-# Time: about 7.7 h in float32 on a 2-core CPU, code of 2026-12-02 (README, Runtime, row "the
+# Time: about 6.3 h in float32 on a 2-core CPU, measured 2026-12-05 (README, Runtime, row "the
 # whole run script"; projected by `python -m MoMKE.bench` from measured epochs).
 # Results: one folder per run in saved/IEMOCAPFour/ (docs/runs.md); the tables, with 95 % bootstrap
 # intervals, printed at the end and written to saved/IEMOCAPFour/report/. Without features/IEMOCAP/
