@@ -111,3 +111,38 @@ def test_workers_end_when_their_sweep_is_killed_outright(tiny_root, tmp_path):
     while time.time() < deadline and any(_alive(w) for w in workers):
         time.sleep(0.2)
     assert not any(_alive(w) for w in workers), "a worker trained on after its sweep was killed"
+
+
+def test_a_worker_that_starts_after_its_sweep_is_killed_ends(tmp_path):
+    """The race of a SIGKILL: a worker spawned just before its sweep dies runs its initializer
+    already orphaned. It must end as well, not wait for work from a sweep that is gone (a
+    suite run used to leave one such worker behind, adopted by init)."""
+    root = Path(__file__).resolve().parents[1]
+    pid_file = tmp_path / "worker.pid"
+    worker = (
+        "import os, queue, sys, time\n"
+        "sweep = int(sys.argv[1])\n"
+        "while os.getppid() == sweep:\n"  # start only once the 'sweep' is gone
+        "    time.sleep(0.05)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "from MoMKE.experiments import pool\n"
+        "slots = queue.Queue()\n"
+        "slots.put(0)\n"
+        "pool._init_worker(slots, [], 1, 0, sweep)\n"
+        "time.sleep(60)\n")
+    # The 'sweep' starts the worker and dies at once, before the worker initialises.
+    dying_sweep = ("import os, subprocess, sys\n"
+                   f"subprocess.Popen([sys.executable, '-c', {worker!r}, str(os.getpid())])\n")
+    subprocess.run([sys.executable, "-c", dying_sweep], cwd=root, check=True,
+                   env={**os.environ, "PYTHONPATH": str(root)})
+    deadline = time.time() + 60
+    while time.time() < deadline and not pid_file.exists():
+        time.sleep(0.1)
+    worker_pid = int(pid_file.read_text())
+    try:
+        while time.time() < deadline and _alive(worker_pid):
+            time.sleep(0.2)
+        assert not _alive(worker_pid), "a worker that started after its sweep died waited on"
+    finally:
+        if _alive(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)

@@ -116,16 +116,18 @@ _DATA: dict[tuple, MultimodalDataset] = {}  # per worker process: each dataset l
 
 
 def _init_worker(slots: "multiprocessing.Queue[int]", cores_per_slot: list[list[int]],
-                 threads: int, gpus: int) -> None:
+                 threads: int, gpus: int, sweep_pid: int) -> None:
     """Take a slot: pin to its cores (CPU) or its GPU, set the thread count, quiet console."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep handles Ctrl-C and stops workers
+    # The sweep's pid comes from the sweep: a worker spawned just before its sweep was killed
+    # starts here already orphaned, and its own parent's pid would name the adopting process.
+    _end_with_parent(sweep_pid)
     slot = slots.get()
     if cores_per_slot and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores_per_slot[slot % len(cores_per_slot)])
     if gpus > 1:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)  # before CUDA starts here
     torch.set_num_threads(threads)
-    _end_with_parent(os.getppid())
     setup_console_logging(logging.WARNING)  # epoch lines go to each run.log
     # tqdm's default lock is a multiprocessing one: a worker stopped by Ctrl-C would leave it
     # registered, and its "leaked semaphore" warning would follow the sweep's last line.
@@ -186,7 +188,7 @@ def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummar
         run.config, threads=threads)
     started, total = time.perf_counter(), len(pending)
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
-                               initargs=(slots, per_slot, threads, gpus))
+                               initargs=(slots, per_slot, threads, gpus, os.getpid()))
     futures: dict[Future, tuple[str, object]] = {}
     try:
         for key, members in groups.items():
