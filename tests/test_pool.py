@@ -124,7 +124,8 @@ def test_a_worker_that_starts_after_its_sweep_is_killed_ends(tmp_path):
         "sweep = int(sys.argv[1])\n"
         "while os.getppid() == sweep:\n"  # start only once the 'sweep' is gone
         "    time.sleep(0.05)\n"
-        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        f"open({str(pid_file)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+        f"os.replace({str(pid_file)!r} + '.tmp', {str(pid_file)!r})\n"  # whole when it appears
         "from MoMKE.experiments import pool\n"
         "slots = queue.Queue()\n"
         "slots.put(0)\n"
