@@ -22,6 +22,7 @@ from dataloader.atomic import CannotWrite
 from dataloader.batch import BatchBuilder
 from dataloader.gcnet import MultimodalDataset, read_marker
 from MoMKE import stage1_cache
+from MoMKE.checkpoint import checkpoint_payload
 from MoMKE.config import TrainConfig, variant_name
 from MoMKE.protocols import CONDITIONS, MissingSetting
 from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, RunLock, RunLocked, epoch_line,
@@ -111,7 +112,8 @@ def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
             log.info("run %s %s seed %d -> %s [%s]", config.dataset, setting.name, config.seed,
                      folder.path, header)
             with torch_threads(config.threads):
-                result = _train_folds(config, data, setting, device, folder)
+                result = _train_folds(config, data, setting, device, folder,
+                                      identity_hash(identity))
             result.update(identity=identity, identity_hash=identity_hash(identity),
                           experiment=experiment_hash(identity),
                           base_experiment=experiment_hash(identity, ignore=VARIANT_FIELDS))
@@ -170,7 +172,7 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
-                 device: torch.device, folder: RunFolder) -> dict:
+                 device: torch.device, folder: RunFolder, identity: str) -> dict:
     builder = BatchBuilder(data, device)
     folds = [k - 1 for k in config.folds] if config.folds else range(len(data.folds))
     summaries, seconds, handovers, reused, predictions = [], [], [], [], {}
@@ -190,12 +192,14 @@ def _train_folds(config: TrainConfig, data: MultimodalDataset, setting: MissingS
         handovers.append(outcome.handover)
         reused.append(outcome.stage1_reused)
         if outcome.checkpoint is not None:
-            folder.save_checkpoint(fold + 1, {
-                "model_state": outcome.checkpoint["state"],
-                "model_config": model_config_for(config, data).to_dict(),
-                "epoch": outcome.checkpoint["epoch"], "rule": outcome.checkpoint["rule"],
-                "dataset": data.spec.name, "data_source": data.data_source,
-                "setting": setting.name, "seed": config.seed})
+            folder.save_checkpoint(fold + 1, checkpoint_payload(
+                state=outcome.checkpoint["state"], model_config=model_config_for(config, data),
+                dataset=data.spec.name, data_source=data.data_source,
+                data_fingerprint=data.fingerprint, features=data.feature_names, dims=data.dims,
+                setting=setting.name, train_missing=config.train_missing, seed=config.seed,
+                fold=fold + 1, epoch=outcome.checkpoint["epoch"],
+                rule=outcome.checkpoint["rule"], batch_size=config.batch_size, amp=config.amp,
+                identity_hash=identity, device=device))
     folder.save_predictions(predictions)
     return {
         "dataset": data.spec.name, "protocol": setting.protocol, "condition": setting.condition,

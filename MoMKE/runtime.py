@@ -114,7 +114,8 @@ def peak_memory(device: torch.device) -> dict[str, float | str]:
 # The code version covers the method and one run: MoMKE/*.py and dataloader/*.py. The floors
 # above (MoMKE/experiments/, MoMKE/results/) only plan, schedule or present runs, and these thin
 # entry points only call them: a change to any of them changes no number.
-_ENTRY_POINTS = frozenset({"report.py", "bench.py", "sweep.py", "parity.py"})
+_ENTRY_POINTS = frozenset({"report.py", "bench.py", "sweep.py", "parity.py", "evaluate.py",
+                           "predict.py"})
 
 
 @lru_cache(maxsize=1)

@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -26,9 +25,9 @@ from dataloader.batch import Batch, BatchBuilder
 from dataloader.gcnet import MultimodalDataset
 from MoMKE import stage1_cache
 from MoMKE.config import TrainConfig, has_stage1, model_options
+from MoMKE.evaluation import Collector, Evaluator, assemble
 from MoMKE.layout import TokenLayout
-from MoMKE.metrics import task_metrics
-from MoMKE.model import MODALITIES, PACKING, ModelConfig, MoMKE
+from MoMKE.model import MODALITIES, ModelConfig, MoMKE
 from MoMKE.protocols import CONDITIONS, MissingSetting
 from MoMKE.runtime import HeapTrimmer, autocast, compile_experts, peak_memory
 from MoMKE.selection import VIEW, SelectedPredictions, in_pool, scores_of
@@ -71,12 +70,14 @@ class FoldTrainer:
         self.regression = data.spec.is_regression
         self.splits = {"train": list(data.folds[fold].train), "val": list(data.folds[fold].val),
                        "test": list(data.folds[fold].test)}
-        self._eval_batches: dict[tuple[str, str, int], list[tuple[Batch, TokenLayout]]] = {}
         self.heap = HeapTrimmer()
         fold_seed = config.seed + 1000 * fold
         torch.manual_seed(fold_seed)  # initialisation and dropout
         self.generator = torch.Generator().manual_seed(fold_seed + 1)  # data order, train masks
         self.model = MoMKE(model_config_for(config, data)).to(device)
+        self.evaluator = Evaluator(data, fold, builder, seed=config.seed,
+                                   batch_size=config.batch_size, amp=config.amp, device=device,
+                                   splits=self.splits)
         if config.compile:
             compile_experts(self.model)
         # One Adam for both stages, as in the reference code; the fused kernel is the same update
@@ -225,7 +226,7 @@ class FoldTrainer:
         model, config = self.model, self.config
         model.train()
         order = torch.randperm(len(self.splits["train"]), generator=self.generator).tolist()
-        collected = _Collector(stage)
+        collected = Collector(stage)
         for start in range(0, len(order), config.batch_size):
             conversations = [self.splits["train"][i] for i in order[start:start + config.batch_size]]
             lengths = self.builder.lengths[conversations].tolist()
@@ -243,7 +244,7 @@ class FoldTrainer:
             self.optimizer.step()
         return collected.metrics(self.regression)
 
-    def _train_step(self, batch: Batch, layout: TokenLayout, stage: int, collected: _Collector,
+    def _train_step(self, batch: Batch, layout: TokenLayout, stage: int, collected: Collector,
                     counts: dict[str, int]) -> None:
         """Forward and backward of one chunk; on a GPU it never waits for the device."""
         with autocast(self.device, self.config.amp):
@@ -262,67 +263,30 @@ class FoldTrainer:
         utterances = int(lengths[conversations].sum())
         available = torch.ones(utterances, len(MODALITIES), dtype=torch.bool)
         self.model.train()
-        self._train_step(*self._assemble(conversations, available), 2, _Collector(2),
+        self._train_step(*self._assemble(conversations, available), 2, Collector(2),
                          {"fused": utterances, "batch": utterances})
         self.optimizer.step()
 
     def _assemble(self, conversations: list[int], available: torch.Tensor
                   ) -> tuple[Batch, TokenLayout]:
-        """The batch of `conversations` with its token layout, planned on the host and moved to
-        the device with the batch (MoMKE/layout.py)."""
-        batch = self.builder.build(conversations, available)
-        layout = TokenLayout.from_masks(batch.available, batch.padding,
-                                        PACKING.get(self.device.type, "shared"))
-        return batch, layout.to(self.device)
+        return assemble(self.builder, conversations, available, self.device)
 
-    @torch.inference_mode()
     def _evaluate(self, split: str, stage: int) -> tuple[dict, dict[str, np.ndarray]]:
         """Metrics of `split` under the run's setting (for the unified model in stage 2, a dict
         of such metrics keyed by every condition and rate it is evaluated on), and the fused
         predictions per evaluated setting, in the split's utterance order. With `--select-from
         all`, a stage-1 pass also runs the fused head (untrained) on the stage-1 masks, as the
-        official code's test pass does, under the key "fused"."""
-        self.model.eval()
-        results, predictions = {}, {}
+        official code's test pass does, under the key "fused" (`MoMKE/evaluation.py`)."""
         fused_too = stage == 1 and self.config.select_from == "all"
+        results, predictions = {}, {}
         for setting in self.setting.evaluation_settings(stage):
-            collected = _Collector(stage)
-            fused = _Collector(2) if fused_too else None
-            for batch, layout in self._evaluation_batches(split, stage, setting):
-                with autocast(self.device, self.config.amp):
-                    output = self.model(batch.packed_features(), layout, stage)
-                    collected.add(output, batch, self.regression)
-                    if fused is not None:
-                        fused.add(self.model(batch.packed_features(), layout, 2), batch,
-                                  self.regression)
-            results[setting.name] = collected.metrics(self.regression)
-            if fused is not None:
-                results[setting.name]["fused"] = fused.metrics(self.regression)
-            source = fused if fused is not None else collected if stage == 2 else None
-            if source is not None:
-                predictions[setting.name] = source.predictions(self.regression)
+            results[setting.name], found = self.evaluator.evaluate(
+                self.model, split, stage, setting, fused_too=fused_too)
+            if found is not None:
+                predictions[setting.name] = found
         if self.setting.protocol == "unified" and stage == 2:
             return results, predictions
         return next(iter(results.values())), {VIEW: p for p in predictions.values()}
-
-    def _evaluation_batches(self, split: str, stage: int, setting: MissingSetting
-                            ) -> list[tuple[Batch, TokenLayout]]:
-        """Built once per split, setting and stage: evaluation masks stay fixed across epochs."""
-        kind = stage if setting.protocol == "fixed" else 0  # random: the same masks both stages
-        key = (split, setting.name, kind)
-        if key not in self._eval_batches:
-            conversations = self.splits[split]
-            lengths = self.data.lengths()[conversations]
-            available = setting.evaluation_availability(
-                stage, int(lengths.sum()), seed=self.config.seed, fold=self.fold, split=split)
-            bounds = np.concatenate([[0], np.cumsum(lengths)])
-            batches, size = [], self.config.batch_size
-            for start in range(0, len(conversations), size):
-                stop = min(start + size, len(conversations))
-                batches.append(self._assemble(conversations[start:stop],
-                                              available[bounds[start]:bounds[stop]]))
-            self._eval_batches[key] = batches
-        return self._eval_batches[key]
 
     # ------------------------------------------------------------------ stage-1 reuse
 
@@ -359,19 +323,6 @@ def _non_finite(value: object, path: str = "") -> str | None:
     return None
 
 
-def task_loss(predictions: Tensor, targets: Tensor, *, regression: bool,
-              reduction: str = "mean") -> Tensor:
-    """SPEC §4.6: mean squared error (CMU) or cross-entropy (IEMOCAP) of packed predictions
-    (N, C) against targets (N,), `mean` or `sum` over the N tokens; zero (with a graph) when
-    N = 0. Packed rows are exactly the unpadded, observed positions: these are the masked means
-    of the reference code."""
-    if predictions.shape[0] == 0:
-        return predictions.sum() * 0.0  # no token of this kind in the batch: contributes nothing
-    if regression:
-        return F.mse_loss(predictions.squeeze(-1), targets, reduction=reduction)
-    return F.cross_entropy(predictions, targets, reduction=reduction)
-
-
 def _chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
     """Consecutive conversation ranges of at most `budget` utterances (at least one each)."""
     ranges, first, total = [], 0, 0
@@ -382,61 +333,3 @@ def _chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
         total += n
     ranges.append((first, len(lengths)))
     return ranges
-
-
-class _Collector:
-    """Losses, detached predictions and router weights of one pass, turned into metrics once."""
-
-    def __init__(self, stage: int) -> None:
-        self.stage = stage
-        self.outputs: dict[str, list[torch.Tensor]] = {}
-        self.targets: dict[str, list[torch.Tensor]] = {}
-        self.router_sums: dict[str, torch.Tensor] = {}
-        self.router_counts: dict[str, int] = {}
-        self.loss_sum: torch.Tensor | float = 0.0
-        self.tokens = 0
-
-    def add(self, output, batch: Batch, regression: bool,
-            counts: dict[str, int] | None = None) -> torch.Tensor:
-        """The loss of this batch's predictions: per prediction kind (fused, or each unimodal
-        head) the sum of token losses divided by `counts[kind]` (the whole batch's token count
-        when this is one chunk of it), or by this batch's own count when `counts` is None.
-        The logged loss is the mean of batch losses weighted by their utterances."""
-        if self.stage == 1:
-            pairs = {m: (output.unimodal[m], batch.targets(output.layout.observed[m]))
-                     for m in output.unimodal}
-        else:
-            pairs = {"fused": (output.fused, batch.targets(output.layout.valid))}
-        loss = sum(task_loss(p.float(), t, regression=regression, reduction="sum")
-                   / max(counts[name] if counts else p.shape[0], 1)
-                   for name, (p, t) in pairs.items())
-        tokens = output.layout.valid.shape[0]
-        whole = counts.get("batch", tokens) if counts else tokens  # utterances of the whole batch
-        self.loss_sum = self.loss_sum + loss.detach() * whole
-        self.tokens += tokens
-        for name, (prediction, target) in pairs.items():
-            self.outputs.setdefault(name, []).append(prediction.detach())
-            self.targets.setdefault(name, []).append(target)
-        for m, weights in output.router_weights.items():  # (N_m, E): which expert m leans on
-            total = weights.detach().float().sum(dim=0)
-            self.router_sums[m] = self.router_sums[m] + total if m in self.router_sums else total
-            self.router_counts[m] = self.router_counts.get(m, 0) + weights.shape[0]
-        return loss
-
-    def predictions(self, regression: bool) -> np.ndarray:
-        """The fused head's predictions (N,): scores for regression, classes otherwise."""
-        outputs = torch.cat(self.outputs["fused"]).float().cpu().numpy()
-        return outputs.reshape(-1) if regression else outputs.argmax(axis=1).astype(np.int16)
-
-    def metrics(self, regression: bool) -> dict:
-        result = {}
-        for name in self.outputs:
-            outputs = torch.cat(self.outputs[name]).float().cpu().numpy()
-            targets = torch.cat(self.targets[name]).cpu().numpy()
-            result[name] = task_metrics(outputs, targets, regression=regression)
-        result = result.pop("fused") if self.stage == 2 else result
-        result["loss"] = float(self.loss_sum) / max(self.tokens, 1)
-        if self.router_sums:  # mean router weight per modality over its observed utterances
-            result["router"] = {m: (total / self.router_counts[m]).tolist()
-                                for m, total in self.router_sums.items()}
-        return result

@@ -95,8 +95,8 @@ def test_unified_model_is_evaluated_on_the_per_condition_runs_masks(tiny_root, t
     names = [s.name for s in unified.setting.evaluation_settings(2)]
     assert names == [f"fixed-{c}" for c in CONDITIONS] + [f"random-{r:.1f}" for r in RATES]
     per_rate = _trainer(tiny_root, tmp_path, setting=MissingSetting("random", rate=0.3))
-    ours = unified._evaluation_batches("test", 2, MissingSetting("random", rate=0.3))
-    theirs = per_rate._evaluation_batches("test", 2, per_rate.setting)
+    ours = unified.evaluator.batches("test", 2, MissingSetting("random", rate=0.3))
+    theirs = per_rate.evaluator.batches("test", 2, per_rate.setting)
     assert all(torch.equal(a.available, b.available) for (a, _), (b, _) in zip(ours, theirs))
 
 

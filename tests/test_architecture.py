@@ -7,7 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("MoMKE", "dataloader")
-ENTRY_POINTS = {"MoMKE.sweep", "MoMKE.report", "MoMKE.bench", "MoMKE.parity"}
+ENTRY_POINTS = {"MoMKE.sweep", "MoMKE.report", "MoMKE.bench", "MoMKE.parity", "MoMKE.evaluate",
+                "MoMKE.predict"}
 MAX_LINES = 500
 
 

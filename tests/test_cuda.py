@@ -52,7 +52,8 @@ def test_a_training_step_on_the_gpu_never_waits_for_it(tiny_root, tmp_path, stag
     from dataloader.batch import BatchBuilder
     from dataloader.gcnet import load_dataset
     from MoMKE.protocols import MissingSetting
-    from MoMKE.trainer import FoldTrainer, _Collector
+    from MoMKE.evaluation import Collector
+    from MoMKE.trainer import FoldTrainer
     from tests.conftest import tiny_config
     config = tiny_config(tiny_root, tmp_path, device="cuda", reuse_stage1=False)
     data = load_dataset(config.dataset, config.data_root)
@@ -71,7 +72,7 @@ def test_a_training_step_on_the_gpu_never_waits_for_it(tiny_root, tmp_path, stag
         try:
             trainer.optimizer.zero_grad(set_to_none=True)
             trainer._train_step(*trainer._assemble(conversations, available), stage,
-                                _Collector(stage), counts)
+                                Collector(stage), counts)
             trainer.optimizer.step()
         finally:
             torch.cuda.set_sync_debug_mode(0)

@@ -1,0 +1,187 @@
+"""A trained model is a tool: a saved run evaluated under any setting, its own setting reproducing
+its result.json to the last digit, and every checkpoint that cannot be used refused by name."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataloader.synthetic import generate
+from MoMKE.experiments.evaluate import EVALUATIONS, main as evaluate_main, run_folders
+from MoMKE.protocols import CONDITIONS, RATES
+from MoMKE.train import main as train_main
+from tests.conftest import TINY_DIMS
+
+TINY = ["--epochs", "5", "--stage-epochs", "2", "--hidden", "8", "--depth", "1", "--batch-size",
+        "4", "--device", "cpu", "--seed", "7", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_root, tmp_path_factory) -> Path:
+    """CMU-MOSI: condition at and rate 0.3, a unified model; IEMOCAP-6: two folds of tv."""
+    out = tmp_path_factory.mktemp("runs")
+    common = ["--data-root", str(tiny_root), "--output-dir", str(out), *TINY]
+    assert train_main(["--dataset", "CMUMOSI", "--test-condition", "at", "--missing-rate", "0.3",
+                       *common]) == 0
+    assert train_main(["--dataset", "CMUMOSI", "--train-missing", "any", *common]) == 0
+    assert train_main(["--dataset", "IEMOCAPSix", "--test-condition", "tv", "--folds", "1,2",
+                       *common]) == 0
+    return out
+
+
+def _run(runs: Path, dataset: str, setting: str) -> Path:
+    return next(p for p in run_folders([runs / dataset]) if p.name.startswith(setting + "_"))
+
+
+def _evaluations(folder: Path) -> dict:
+    return json.loads((folder / EVALUATIONS).read_text())["evaluations"]
+
+
+def _own(folder: Path, setting: str) -> dict:
+    return next(e for e in _evaluations(folder).values() if e["setting"] == setting)
+
+
+@pytest.mark.parametrize("setting", ["fixed-at", "random-0.3"])
+def test_a_run_evaluated_on_its_own_setting_reproduces_its_result(runs, setting):
+    folder = _run(runs, "CMUMOSI", setting)
+    assert evaluate_main([str(folder), "--test-condition", "at", "--missing-rate", "0.3"]) == 0
+    result = json.loads((folder / "result.json").read_text())
+    entry = _own(folder, setting)
+    assert entry["rule"] == "best_val" and entry["note"] == ""
+    assert entry["metrics"] == {k: v for k, v in result["test"]["best_val"].items()
+                                if k in entry["metrics"]}
+    assert set(entry["metrics"]) >= {"acc2", "f1", "mae", "corr", "acc7"}
+
+
+def test_every_fold_of_iemocap_reproduces_its_last_epoch(runs):
+    folder = _run(runs, "IEMOCAPSix", "fixed-tv")
+    assert evaluate_main([str(folder), "--test-condition", "tv,a"]) == 0
+    result = json.loads((folder / "result.json").read_text())
+    entry = _own(folder, "fixed-tv")
+    assert entry["rule"] == "last" and [f["fold"] for f in entry["folds"]] == [1, 2]
+    for mine, theirs in zip(entry["folds"], result["folds"]):
+        assert mine["metrics"] == {k: v for k, v in theirs["test"]["last"].items()
+                                   if k in mine["metrics"]}
+    assert entry["metrics"] == {k: v for k, v in result["test"]["last"].items()
+                                if k in entry["metrics"]}
+
+
+def test_the_unified_model_reproduces_its_epoch_on_every_setting(runs):
+    """One checkpoint (the epoch best on validation averaged over the seven conditions) is
+    evaluated on all fifteen settings; the epoch log holds that epoch's numbers for each."""
+    folder = _run(runs, "CMUMOSI", "unified-any")
+    assert evaluate_main([str(folder)]) == 0
+    evaluations = _evaluations(folder)
+    assert len(evaluations) == len(CONDITIONS) + len(RATES)
+    epoch = next(iter(evaluations.values()))["folds"][0]["epoch"]
+    record = next(r for r in map(json.loads, (folder / "epochs.jsonl").read_text().splitlines())
+                  if r["epoch"] == epoch)
+    for entry in evaluations.values():
+        expected = record["test"][entry["setting"]]
+        assert entry["metrics"] == {k: v for k, v in expected.items() if k in entry["metrics"]}
+
+
+def test_an_evaluation_kept_is_reused_and_nothing_else_changes(runs, capsys):
+    folder = _run(runs, "CMUMOSI", "fixed-at")
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.name != EVALUATIONS}
+    assert evaluate_main([str(folder), "--test-condition", "v"]) == 0
+    kept = (folder / EVALUATIONS).read_bytes()
+    capsys.readouterr()
+    assert evaluate_main([str(folder), "--test-condition", "v"]) == 0
+    printed = capsys.readouterr().out
+    assert "(reused)" in printed and "best-on-validation" in printed and "SYNTHETIC" in printed
+    assert (folder / EVALUATIONS).read_bytes() == kept
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name != EVALUATIONS} == before
+
+
+def test_a_gpu_checkpoint_is_saved_as_cpu_tensors_with_what_rebuilds_it(runs):
+    saved = torch.load(_run(runs, "CMUMOSI", "fixed-at") / "checkpoint_fold1.pt",
+                       weights_only=True)
+    assert all(t.device.type == "cpu" for t in saved["model_state"].values())
+    assert saved["dims"] == dict(zip("atv", TINY_DIMS)) and saved["dataset"] == "CMUMOSI"
+    assert {"identity_hash", "code_version", "features", "setting", "seed", "fold"} <= set(saved)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def _copy(runs: Path, tmp_path: Path, dataset: str, setting: str) -> Path:
+    source = _run(runs, dataset, setting)
+    return Path(shutil.copytree(source, tmp_path / source.name))
+
+
+def _refusal(capsys, argv: list[str]) -> str:
+    assert evaluate_main(argv) != 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_damaged_checkpoint_is_refused_by_name(runs, tmp_path, capsys):
+    folder = _copy(runs, tmp_path, "CMUMOSI", "fixed-at")
+    (folder / "checkpoint_fold1.pt").write_bytes(b"not a checkpoint")
+    line = _refusal(capsys, [str(folder), "--test-condition", "a"])
+    assert "checkpoint_fold1.pt is damaged" in line and "--force" in line
+
+
+def test_an_older_checkpoint_is_refused_with_how_to_proceed(runs, tmp_path, capsys):
+    folder = _copy(runs, tmp_path, "CMUMOSI", "fixed-at")
+    saved = torch.load(folder / "checkpoint_fold1.pt", weights_only=True)
+    old = {k: saved[k] for k in ("model_state", "model_config", "epoch", "rule", "dataset")}
+    torch.save(old, folder / "checkpoint_fold1.pt")
+    line = _refusal(capsys, [str(folder), "--test-condition", "a"])
+    assert "older version of MoMKE" in line and "retrain" in line
+
+
+def test_tensors_that_do_not_match_the_config_are_refused(runs, tmp_path, capsys):
+    folder = _copy(runs, tmp_path, "CMUMOSI", "fixed-at")
+    saved = torch.load(folder / "checkpoint_fold1.pt", weights_only=True)
+    saved["model_config"]["hidden"] = 16
+    torch.save(saved, folder / "checkpoint_fold1.pt")
+    line = _refusal(capsys, [str(folder), "--test-condition", "a"])
+    assert "do not match its model config" in line
+
+
+def test_a_checkpoint_of_another_dataset_is_refused(runs, tmp_path, capsys):
+    folder = _copy(runs, tmp_path, "CMUMOSI", "fixed-at")
+    other = _run(runs, "IEMOCAPSix", "fixed-tv") / "checkpoint_fold1.pt"
+    shutil.copy(other, folder / "checkpoint_fold1.pt")
+    line = _refusal(capsys, [str(folder), "--test-condition", "a"])
+    assert "IEMOCAPSix model, not CMUMOSI" in line
+
+
+def test_a_run_without_checkpoints_says_how_to_retrain(tiny_root, tmp_path, capsys):
+    assert train_main(["--dataset", "CMUMOSI", "--data-root", str(tiny_root), "--output-dir",
+                       str(tmp_path), "--test-condition", "t", "--no-save-checkpoint",
+                       "--epochs", "2", "--stage-epochs", "1", "--hidden", "8", "--depth", "1",
+                       "--device", "cpu"]) == 0
+    line = _refusal(capsys, [str(tmp_path / "CMUMOSI")])
+    assert "--no-save-checkpoint" in line and "--save-checkpoint --force" in line
+
+
+def test_data_of_other_dimensions_is_refused(runs, tmp_path, capsys):
+    other = tmp_path / "other"
+    generate("CMUMOSI", other, seed=1, scale=0.06, dims=(12, 16, 20))
+    line = _refusal(capsys, [str(_run(runs, "CMUMOSI", "fixed-at")), "--test-condition", "a",
+                             "--data-root", str(other)])
+    assert "20-d" in line and "16-d" in line
+
+
+def test_val_on_a_dataset_without_validation_is_refused(runs, capsys):
+    line = _refusal(capsys, [str(_run(runs, "IEMOCAPSix", "fixed-tv")), "--split", "val"])
+    assert "--split val" in line and "no validation split" in line
+
+
+def test_another_copy_of_the_data_is_named_beside_each_number(runs, tiny_root, tmp_path, capsys):
+    copy = Path(shutil.copytree(tiny_root / "CMUMOSI", tmp_path / "copy" / "CMUMOSI"))
+    (copy / "SYNTHETIC.json").unlink()  # the same bytes, now presented as real data
+    folder = _copy(runs, tmp_path, "CMUMOSI", "fixed-at")
+    assert evaluate_main([str(folder), "--test-condition", "at", "--data-root",
+                          str(tmp_path / "copy")]) == 0
+    assert "REAL data" in capsys.readouterr().out
+    entry = _own(folder, "fixed-at")
+    result = json.loads((folder / "result.json").read_text())
+    assert entry["data"]["source"] == "real" and entry["data"]["root"] == str(copy)
+    assert entry["metrics"]["f1"] == result["test"]["best_val"]["f1"]
