@@ -185,3 +185,79 @@ def test_another_copy_of_the_data_is_named_beside_each_number(runs, tiny_root, t
     result = json.loads((folder / "result.json").read_text())
     assert entry["data"]["source"] == "real" and entry["data"]["root"] == str(copy)
     assert entry["metrics"]["f1"] == result["test"]["best_val"]["f1"]
+
+
+# ----------------------------------------------------------------------------- predict
+
+def _manifest_root(tiny_root: Path, tmp_path: Path, modalities: str) -> Path:
+    """Features of one's own: a manifest of three test conversations and the feature files of
+    `modalities`, no label file."""
+    from dataloader.gcnet import load_dataset
+    from dataloader.datasets import DEFAULT_FEATURES
+    data = load_dataset("CMUMOSI", tiny_root)
+    root = tmp_path / "mine"
+    lines = ["conversation,utterance"]
+    for c in list(data.folds[0].test)[:3]:
+        for u in data.utterance_ids[data.offsets[c]:data.offsets[c + 1]]:
+            lines.append(f"{data.conversation_ids[c]},{u}")
+            for m in modalities:
+                folder = root / "features" / DEFAULT_FEATURES[m]
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copy(tiny_root / "CMUMOSI" / "features" / DEFAULT_FEATURES[m] / f"{u}.npy",
+                            folder / f"{u}.npy")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_predict_on_features_without_labels(runs, tiny_root, tmp_path, capsys):
+    from MoMKE.experiments.predict import main as predict_main
+    import csv
+    root = _manifest_root(tiny_root, tmp_path, "at")
+    out = tmp_path / "predictions.csv"
+    assert predict_main([str(_run(runs, "CMUMOSI", "fixed-at")), "--data-root", str(root),
+                         "--out", str(out)]) == 0
+    assert "no labels" in capsys.readouterr().out
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len((root / "manifest.csv").read_text().splitlines()) - 1
+    assert {r["modalities"] for r in rows} == {"at"} and "label" not in rows[0]
+    for row in rows:
+        assert row["sign"] == ("positive" if float(row["score"]) > 0 else "negative")
+        for m in "at":
+            assert sum(float(row[f"router_{m}_to_{e}"]) for e in "atv") == pytest.approx(1, 1e-5)
+        assert row["router_v_to_a"] == ""
+
+
+def test_predict_on_the_test_split_matches_the_evaluation(runs, tmp_path):
+    """The labelled test split, predicted under the run's own condition: the scores the
+    evaluation scored (the same checkpoint, batches and masks)."""
+    from MoMKE.experiments.predict import main as predict_main
+    import csv
+    from MoMKE.metrics import regression_metrics
+    folder = _run(runs, "CMUMOSI", "fixed-at")
+    out = tmp_path / "p.csv"
+    assert predict_main([str(folder), "--data-root", json.loads(
+        (folder / "result.json").read_text())["config"]["data_root"], "--out", str(out),
+        "--test-condition", "at"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    metrics = regression_metrics([float(r["score"]) for r in rows],
+                                 [float(r["label"]) for r in rows])
+    result = json.loads((folder / "result.json").read_text())
+    assert metrics["f1"] == result["test"]["best_val"]["f1"]
+    assert metrics["mae"] == pytest.approx(result["test"]["best_val"]["mae"], abs=1e-5)
+
+
+def test_predict_refuses_what_cannot_be_predicted(runs, tiny_root, tmp_path, capsys):
+    from MoMKE.experiments.predict import main as predict_main
+    root = _manifest_root(tiny_root, tmp_path, "v")
+    folder = str(_run(runs, "CMUMOSI", "fixed-at"))
+    out = str(tmp_path / "p.csv")
+    assert predict_main([folder, "--data-root", str(root), "--out", out]) == 2
+    assert "trained (stage 2) on at only" in capsys.readouterr().err
+    assert predict_main([folder, "--data-root", str(root), "--out", out,
+                         "--test-condition", "t"]) == 2
+    assert "has no deberta-large-4-UTT features" in capsys.readouterr().err
+    other = tmp_path / "other"
+    generate("CMUMOSI", other, seed=1, scale=0.06, dims=(12, 16, 20))
+    assert predict_main([folder, "--data-root", str(other), "--out", out]) == 2
+    assert "20-d" in capsys.readouterr().err
+    assert not Path(out).exists()
