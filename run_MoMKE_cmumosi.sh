@@ -45,6 +45,7 @@ python -m MoMKE.sweep \
     --dataset CMUMOSI \
     --synthetic-fallback \
     --report \
+    --evaluate-all \
     --ci \
     --seeds "$SEEDS" \
     --test-condition a,t,v,at,av,tv,atv \

@@ -7,7 +7,8 @@ From: SPEC §6-7.
         run.log            the human log: one line per epoch, with timestamps
         epochs.jsonl       one JSON object per epoch: stage, metrics per split, seconds, memory
         result.json        the final result, written last: its presence marks a complete run
-        checkpoint_fold<k>.pt   the selected weights of fold k and the model config
+        checkpoint_fold<k>.pt   the selected weights of fold k, with what rebuilds and checks them
+        evaluations.json   what `python -m MoMKE.evaluate` measured with those weights (optional)
 
 Identity. A run is the resolved configuration, its exact setting (the rate as written, 0.14 is not
 0.1), the data fingerprint and the version of the code that computes a result. The folder name
@@ -55,7 +56,8 @@ log = logging.getLogger("MoMKE")
 # float rounding only (docs/runs.md), not the experiment.
 _NOT_IN_IDENTITY = ("test_condition", "missing_rate", "data_root", "device", "threads",
                     "output_dir", "save_checkpoint", "reuse_stage1", "force", "config")
-VARIANT_FIELDS = ("ablation", "train_missing")  # what tells MoMKE, its ablations and unified apart
+VARIANT_FIELDS = ("ablation", "train_missing")
+EVALUATIONS = "evaluations.json"  # written by MoMKE/experiments/evaluate.py, read by the report  # what tells MoMKE, its ablations and unified apart
 
 
 class RunLocked(RuntimeError):

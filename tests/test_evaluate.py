@@ -2,10 +2,12 @@
 its result.json to the last digit, and every checkpoint that cannot be used refused by name."""
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -261,3 +263,32 @@ def test_predict_refuses_what_cannot_be_predicted(runs, tiny_root, tmp_path, cap
     assert predict_main([folder, "--data-root", str(other), "--out", out]) == 2
     assert "20-d" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+# ----------------------------------------------------------------------------- the matrix
+
+def test_a_sweep_with_evaluate_all_reports_the_robustness_matrices(tiny_root, tmp_path, capsys):
+    from MoMKE.experiments.sweep import main as sweep_main
+    out = tmp_path / "saved"
+    assert sweep_main(["--dataset", "CMUMOSI", "--data-root", str(tiny_root), "--output-dir",
+                       str(out), "--seeds", "7,8", "--jobs", "1", "--test-condition", "a,atv",
+                       "--missing-rate", "0.5", "--unified", "any", "--evaluate-all",
+                       "--report", "--epochs", "3", "--stage-epochs", "1", "--hidden", "8",
+                       "--depth", "1", "--batch-size", "8", "--device", "cpu"]) == 0
+    report = (out / "CMUMOSI" / "report")
+    text = (report / "CMUMOSI.md").read_text()
+    assert "## Robustness" in text and "best_val" in text and "SYNTHETIC" in text
+    conditions = text.split("Evaluated on the conditions")[1].split("###")[0]
+    rates = text.split("Evaluated on the rates")[1].split("##")[0]
+    atv = next(line for line in conditions.splitlines() if line.startswith("| atv |"))
+    assert atv.count("**") == 2  # its own setting, marked
+    assert "| unified (any) |" in conditions and "| rate 0.5 |" in rates
+    cells = list(csv.DictReader((report / "CMUMOSI_robustness.csv").open()))
+    assert len(cells) == 4 * 15 and {c["seeds"] for c in cells} == {"2"}
+    own = next(c for c in cells if c["trained_on"] == c["evaluated_on"] == "fixed-atv")
+    results = [json.loads(p.read_text()) for p in out.glob("CMUMOSI/fixed-atv_*/result.json")]
+    expected = 100 * np.mean([r["test"]["best_val"]["acc2"] for r in results])
+    assert float(own["mean"]) == pytest.approx(expected, abs=1e-4)
+    assert float(own["low"]) <= float(own["mean"]) <= float(own["high"])
+    assert (report / "CMUMOSI_robustness_conditions.png").is_file()
+    assert (report / "CMUMOSI_robustness_rates.png").is_file()

@@ -32,13 +32,12 @@ from MoMKE.checkpoint import Checkpoint, CheckpointError, check_data, load_check
 from MoMKE.evaluation import Evaluator
 from MoMKE.protocols import CONDITIONS, RATES, MissingSetting, parse_condition, parse_rate, \
     settings_from
-from MoMKE.runlog import read_result, setup_console_logging, write_json
+from MoMKE.runlog import EVALUATIONS, read_result, setup_console_logging, write_json
 from MoMKE.runtime import code_version, resolve_device
 from MoMKE.selection import RULE_LABELS
 
 log = logging.getLogger("MoMKE")
 
-EVALUATIONS = "evaluations.json"
 WEIGHTS_NOTE = ("weights: the checkpoint's epoch (best-on-validation; the last epoch where the "
                 "dataset has no validation split); best-on-test weights are not offered, as their "
                 "epoch was chosen on the test set itself")

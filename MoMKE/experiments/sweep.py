@@ -28,6 +28,7 @@ from dataloader.gcnet import data_fingerprint, feature_names_from, load_dataset
 from dataloader.synthetic import generate
 from MoMKE import runner
 from MoMKE.config import ABLATIONS, ConfigError, TrainConfig, check_seed, parse_config
+from MoMKE.experiments import evaluate
 from MoMKE.experiments.plan import (RunSpec, SweepSummary, file_locked, pending_runs,
                                     wait_for_others)
 from MoMKE.experiments.pool import available_cores, default_jobs, probe_cuda_peak, run_in_pool
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", action="store_true",
                         help="write and print the tables of <output-dir>/<dataset> when the "
                              "runs are done (python -m MoMKE.report; the run scripts set this)")
+    parser.add_argument("--evaluate-all", action="store_true",
+                        help="once the runs are trained, evaluate each under all seven conditions "
+                             "and all eight rates on the test split (python -m MoMKE.evaluate), "
+                             "for the report's robustness matrix")
     parser.add_argument("--ci", action=argparse.BooleanOptionalAction, default=False,
                         help="with --report: 95 %% bootstrap intervals and paired comparisons "
                              "in the tables (the run scripts set this; --no-ci drops them)")
@@ -221,12 +226,31 @@ def _sweep(args: argparse.Namespace, train_args: list[str], runs: list[RunSpec])
         print(f"error: {error}", file=sys.stderr)
         return 2
     log.info("%s", summary.report(time.perf_counter() - started))
+    if args.evaluate_all:
+        _evaluate_all(runs, resolve_device(config.device))
     if args.report:
         tables = report.main([str(Path(config.output_dir) / config.dataset),
                               *(["--ci"] if args.ci else [])])
         if tables != 0:
             return tables
     return 1 if summary.failed else 0
+
+
+def _evaluate_all(runs: Sequence[RunSpec], device) -> None:
+    """Every complete run of the sweep under every condition and rate (test split), kept in its
+    evaluations.json; a run that cannot be evaluated is named and skipped."""
+    started, loaded, count = time.perf_counter(), evaluate.Loaded(), 0
+    settings = evaluate.requested_settings(None, None)
+    for run in runs:
+        if not run.is_complete():
+            continue
+        try:
+            count += len(evaluate.evaluate_run(run.folder, settings, split="test",
+                                               device=device, loaded=loaded))
+        except (evaluate.Refused, ValueError) as error:
+            log.warning("not evaluated: %s", error)
+    log.info("evaluated: %d (run, setting) pairs in %.1f s (python -m MoMKE.evaluate)", count,
+             time.perf_counter() - started)
 
 
 def _jobs(text: str, config: TrainConfig, runs: Sequence[RunSpec]) -> tuple[int, int]:

@@ -130,3 +130,28 @@ def _router_heatmap(dataset: str, source: str, routers: dict, path: Path) -> Pat
     figure.tight_layout()
     _save(figure, path)
     return path
+
+
+def heatmap_png(dataset: str, source: str, what: str, values: np.ndarray, rows: list[str],
+                columns: list[str], outlined: list[tuple[int, int]], path: Path) -> Path:
+    """A matrix of percentages as a heatmap with its values written in, the cells of
+    `outlined` (row, column) boxed, and empty cells (NaN) left blank."""
+    figure, axis = plt.subplots(figsize=(0.75 * len(columns) + 2.5, 0.4 * len(rows) + 1.8))
+    image = axis.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+    middle = np.nanmean(values) if np.isfinite(values).any() else 0.0
+    for (i, j), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            axis.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=7,
+                      color="white" if value < middle else "black")
+    for i, j in outlined:
+        axis.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red",
+                                     linewidth=1.5))
+    axis.set_xticks(range(len(columns)), columns, fontsize=7, rotation=45, ha="right")
+    axis.set_yticks(range(len(rows)), rows, fontsize=7)
+    axis.set_xlabel("evaluated on")
+    axis.set_ylabel("trained on")
+    axis.set_title(_title(dataset, source, what + " (red: own setting)"), fontsize=8)
+    figure.colorbar(image, ax=axis, label="%")
+    figure.tight_layout()
+    _save(figure, path)
+    return path

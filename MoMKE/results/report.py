@@ -26,6 +26,8 @@ from dataloader.datasets import get_spec
 from MoMKE.results.arithmetic import arithmetic_comparisons
 from MoMKE.results.collect import collect, group
 from MoMKE.results.intervals import Intervals
+from MoMKE.results.robustness import (plot_matrix, robustness_csv, robustness_matrices,
+                                      robustness_section)
 from MoMKE.results.render import csv_text
 from MoMKE.results.rows import mae_corr_mode, table_rows, variant, with_nonzero_mae_corr
 from MoMKE.results.tables import markdown
@@ -51,7 +53,9 @@ def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_co
                 members = [with_nonzero_mae_corr(r) for r in members]
             rows = table_rows([r for r in members if variant(r) == "MoMKE"])
             intervals = Intervals(key[0], mode, resamples) if ci else None
-            tables = (markdown(key, members, rows, mode, intervals),
+            matrices = robustness_matrices(key[0], members, resamples=resamples)
+            tables = (markdown(key, members, rows, mode, intervals)
+                      + "\n".join(robustness_section(key[0], matrices) + [""]),
                       csv_text(key, members, mode, intervals))
         except Exception as error:  # noqa: BLE001 - one odd group must not cost the others
             found.skipped += [(r["folder"], f"its group {prefix} could not be tabulated "
@@ -60,9 +64,16 @@ def write_report(paths: Sequence[Path], out: Path, *, plots: bool = True, mae_co
         write_atomic(out / f"{prefix}.md", tables[0])
         write_atomic(out / f"{prefix}.csv", tables[1])
         written += [out / f"{prefix}.md", out / f"{prefix}.csv"]
+        if matrices:
+            write_atomic(out / f"{prefix}_robustness.csv", robustness_csv(key[0], matrices))
+            written.append(out / f"{prefix}_robustness.csv")
         if plots:
             from MoMKE.results.plots import plot_group  # matplotlib only when plotting
             written += plot_group(key, members, rows, out, prefix)
+            several = len({m.data for m in matrices}) > 1  # evaluated on several data copies
+            written += [plot_matrix(key[0], m, out / f"{prefix}_robustness_{m.kind}"
+                                    f"{f'_{m.data[0]}-{m.data[1][:8]}' if several else ''}.png")
+                        for m in matrices]
     for stem, lines in arithmetic_comparisons(found.results).items():
         write_atomic(out / f"{stem}.md", "\n".join(lines) + "\n")
         written.append(out / f"{stem}.md")

@@ -157,6 +157,18 @@ def interval(predictions: Folds, labels: Folds, conversation: Folds, *, regressi
                            _undefined(replicates[name])) for name in points}
 
 
+def fold_mean_replicates(predictions: Folds, labels: Folds, conversation: Folds, *,
+                         regression: bool, resamples: int = 1000,
+                         seed: int = 0) -> dict[str, np.ndarray]:
+    """Per metric, the (R,) fold-mean bootstrap replicates of one prediction set. Every call
+    with the same seed and test conversations draws the same resamples, so replicates of several
+    runs can be averaged (over seeds) and compared as pairs."""
+    (_, replicates), = _fold_mean_replicates([_as_folds(predictions)], labels, conversation,
+                                             regression=regression, resamples=resamples,
+                                             seed=seed)
+    return replicates
+
+
 def paired_difference(a: Folds, b: Folds, labels: Folds, conversation: Folds, *, regression: bool,
                       resamples: int = 1000, level: float = 0.95,
                       seed: int = 0) -> dict[str, Difference]:
