@@ -30,7 +30,7 @@ from MoMKE.layout import TokenLayout
 from MoMKE.metrics import task_metrics
 from MoMKE.model import MODALITIES, PACKING, ModelConfig, MoMKE
 from MoMKE.protocols import CONDITIONS, MissingSetting
-from MoMKE.runtime import HeapTrimmer, autocast, compile_experts, peak_memory
+from MoMKE.runtime import HeapTrimmer, autocast, compile_experts, peak_memory, reset_peak_memory
 from MoMKE.selection import VIEW, SelectedPredictions, in_pool, scores_of
 
 log = logging.getLogger("MoMKE")
@@ -73,6 +73,7 @@ class FoldTrainer:
                        "test": list(data.folds[fold].test)}
         self._eval_batches: dict[tuple[str, str, int], list[tuple[Batch, TokenLayout]]] = {}
         self.heap = HeapTrimmer()
+        reset_peak_memory(device)  # each fold's epochs log its own peak, not earlier runs'
         fold_seed = config.seed + 1000 * fold
         torch.manual_seed(fold_seed)  # initialisation and dropout
         self.generator = torch.Generator().manual_seed(fold_seed + 1)  # data order, train masks
@@ -316,7 +317,11 @@ class FoldTrainer:
             available = setting.evaluation_availability(
                 stage, int(lengths.sum()), seed=self.config.seed, fold=self.fold, split=split)
             bounds = np.concatenate([[0], np.cumsum(lengths)])
-            batches, size = [], self.config.batch_size
+            # A GPU evaluates a split in one pass: its memory holds it, and fewer, larger
+            # batches launch fewer kernels. The CPU keeps batches of --batch-size.
+            batches = []
+            size = max(1, len(conversations)) if self.device.type == "cuda" \
+                else self.config.batch_size
             for start in range(0, len(conversations), size):
                 stop = min(start + size, len(conversations))
                 batches.append(self._assemble(conversations[start:stop],
@@ -373,7 +378,10 @@ def task_loss(predictions: Tensor, targets: Tensor, *, regression: bool,
 
 
 def _chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
-    """Consecutive conversation ranges of at most `budget` utterances (at least one each)."""
+    """Consecutive conversation ranges of at most `budget` utterances (at least one each);
+    budget 0: the whole batch at once."""
+    if budget == 0:
+        return [(0, len(lengths))]
     ranges, first, total = [], 0, 0
     for i, n in enumerate(lengths):
         if i > first and total + n > budget:
