@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from dataloader.datasets import DataError, get_spec
 from dataloader.gcnet import data_fingerprint, feature_names_from, load_dataset
@@ -30,7 +33,8 @@ from MoMKE import runner
 from MoMKE.config import ABLATIONS, ConfigError, TrainConfig, check_seed, parse_config
 from MoMKE.experiments.plan import (RunSpec, SweepSummary, file_locked, pending_runs,
                                     wait_for_others)
-from MoMKE.experiments.pool import available_cores, default_jobs, probe_cuda_peak, run_in_pool
+from MoMKE.experiments.pool import (available_cores, default_jobs, probe_cuda_peak, run_in_pool,
+                                    worker_gpus)
 from MoMKE.experiments.ray_executor import import_ray, run_on_ray
 from MoMKE.protocols import settings_from
 from MoMKE.results import report
@@ -234,12 +238,14 @@ def _jobs(text: str, config: TrainConfig, runs: Sequence[RunSpec]) -> tuple[int,
     pending = pending_runs(runs)
     if text == "auto":
         device = resolve_device(config.device)
-        peak = None
+        peak, gpus = None, 1
         if device.type == "cuda" and len(pending) > 1:
             data = load_dataset(config.dataset, config.data_root, feature_names_from(
                 config.audio_feature, config.text_feature, config.video_feature))
             peak = probe_cuda_peak(config, data, device)
-        jobs, why = default_jobs(config.dataset, device, config.threads, peak)
+            gpus = len(worker_gpus(config.device, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                   torch.cuda.device_count()))
+        jobs, why = default_jobs(config.dataset, device, config.threads, peak, gpus)
     else:
         try:
             jobs = int(text)
