@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "threads unless --threads is given (default: 1)")
     parser.add_argument("--gpus-per-run", type=float, default=0.0,
                         help="with --launcher ray: GPUs each run asks for, e.g. 1 on a GPU box, "
-                             "0.5 for two runs per GPU (default: 0)")
+                             "0.25 for four runs per GPU; 0 hides the GPUs from the runs, so a "
+                             "GPU --device is refused (default: 0)")
     parser.add_argument("--max-retries", type=int, default=3,
                         help="with --launcher ray: times a run is retried when its worker process "
                              "or node dies; a run's own error is never retried (default: 3)")
