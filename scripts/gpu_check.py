@@ -2,12 +2,13 @@
 
     sh scripts/gpu_check.sh [--out DIR] [--deadline 480]     # at most 8 minutes in all
 
-Parts, in this order, each a subprocess given what remains of one overall deadline:
-    1 tests     python -m pytest tests/test_cuda.py (the sync-free training steps among them)
-    2 bench     python -m MoMKE.bench --device cuda, fp32 and --amp, CMU-MOSI and IEMOCAP-4, one
-                invocation each: seconds per epoch, the GPU-busy share of a stage-2 epoch (kernel
-                time over wall time, torch.profiler), seconds per training step, operations per
-                step, peak CUDA memory
+Parts, in this order (what decides further GPU work first), each a subprocess given what remains
+of one overall deadline:
+    1 bench     python -m MoMKE.bench --device cuda, fp32 then --amp, CMU-MOSI and IEMOCAP-4, one
+                invocation each (one warm-up and one measured epoch per stage): seconds per epoch,
+                the GPU-busy share of a stage-2 epoch (kernel time over wall time,
+                torch.profiler), seconds per training step, operations per step, peak CUDA memory
+    2 tests     python -m pytest tests/test_cuda.py (the sync-free training steps among them)
     3 devices   one short CMU-MOSI run (atv, 6 epochs, no dropout, so both devices draw the same
                 random numbers) on the GPU and on the CPU: test metrics agree to rounding
     4 runs/GPU  the seven-condition CMU-MOSI table at 20 epochs (10 + 10) with --jobs 1 and with
@@ -18,7 +19,7 @@ Without a CUDA device the CPU parts run (the tests, which skip; the CPU run of p
 says "no CUDA device", and the check exits 0. It installs nothing and needs no network.
 
 --out (default: a fresh folder under the system's temporary folder, never the repository) holds
-at most 8 files: summary.md, summary.json and one log per part (tests.log, data.log, bench.log,
+at most 8 files: summary.md, summary.json and one log per part (data.log, bench.log, tests.log,
 devices.log, table.log). Data and run folders go to a scratch folder that is removed at the end.
 """
 from __future__ import annotations
@@ -125,22 +126,13 @@ def _bench_row(check: Check, m: dict) -> None:
                    f"step (evaluation included)")
     if m.get("step_operations"):
         result += f"; {m['step_operations']} operations per step"
-    check.row(f"2 bench {m['dataset']} {m['mode']}", "epoch s (stage 1 / stage 2 atv), peak "
+    check.row(f"1 bench {m['dataset']} {m['mode']}", "epoch s (stage 1 / stage 2 atv), peak "
               "CUDA MB, GPU-busy share, time and ATen operations per step", result)
 
 
 def parts(check: Check, data: Path, scratch: Path, cuda: bool, hidden: int,
           generate: bool) -> None:
     py = sys.executable
-    try:  # 1: the CUDA tests (they skip on a machine without a GPU)
-        seconds, output = check.run([py, "-m", "pytest", "-p", "no:cacheprovider",
-                                     "tests/test_cuda.py"], "tests.log")
-        said = next((line.strip("= ") for line in reversed(output.splitlines())
-                     if re.search(r"\d+ (passed|skipped|failed)", line)), "no summary")
-        check.row("1 tests", "tests/test_cuda.py", f"{said} ({seconds:.0f} s)")
-    except PartFailed as error:
-        check.fail("1 tests", "tests/test_cuda.py", error)
-
     if generate:  # once, for every part
         for dataset in ("CMUMOSI", "IEMOCAPSix"):
             try:
@@ -150,23 +142,32 @@ def parts(check: Check, data: Path, scratch: Path, cuda: bool, hidden: int,
                 check.fail("data", f"synthetic {dataset}", error)
                 return
 
-    if cuda:  # 2: the benchmark on the GPU, one dataset and mode at a time
+    if cuda:  # 1: the benchmark on the GPU, one dataset and mode at a time, fp32 first
         check.figures["bench"] = []
-        for dataset in ("CMUMOSI", "IEMOCAPFour"):
-            for mode in ("fp32", "amp"):
+        for mode in ("fp32", "amp"):
+            for dataset in ("CMUMOSI", "IEMOCAPFour"):
                 figures = scratch / f"bench-{dataset}-{mode}.json"
                 try:
                     check.run([py, "-m", "MoMKE.bench", "--device", "cuda", "--datasets",
-                               dataset, "--modes", mode, "--epochs", "2", "--data-root",
+                               dataset, "--modes", mode, "--epochs", "1", "--data-root",
                                str(data), "--json", str(figures)], "bench.log")
                 except PartFailed as error:
-                    check.fail(f"2 bench {dataset} {mode}", "python -m MoMKE.bench", error)
+                    check.fail(f"1 bench {dataset} {mode}", "python -m MoMKE.bench", error)
                     continue
                 for m in json.loads(figures.read_text()):
                     check.figures["bench"].append(m)
                     _bench_row(check, m)
     else:
-        check.row("2 bench", "python -m MoMKE.bench --device cuda", "skipped: no CUDA device")
+        check.row("1 bench", "python -m MoMKE.bench --device cuda", "skipped: no CUDA device")
+
+    try:  # 2: the CUDA tests (they skip on a machine without a GPU)
+        seconds, output = check.run([py, "-m", "pytest", "-p", "no:cacheprovider",
+                                     "tests/test_cuda.py"], "tests.log")
+        said = next((line.strip("= ") for line in reversed(output.splitlines())
+                     if re.search(r"\d+ (passed|skipped|failed)", line)), "no summary")
+        check.row("2 tests", "tests/test_cuda.py", f"{said} ({seconds:.0f} s)")
+    except PartFailed as error:
+        check.fail("2 tests", "tests/test_cuda.py", error)
 
     # 3: the same short run on both devices
     short = ["--test-condition", "atv", "--epochs", "6", "--stage-epochs", "3", "--hidden",

@@ -20,7 +20,7 @@ def test_without_a_gpu_the_check_runs_the_cpu_parts_and_says_so(tiny_root, tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     summary = (tmp_path / "check" / "summary.md").read_text()
     assert "no CUDA device" in summary and summary in done.stdout
-    assert "skipped" in summary.split("| 1 tests |")[1].splitlines()[0]  # the CUDA tests skip
+    assert "skipped" in summary.split("| 2 tests |")[1].splitlines()[0]  # the CUDA tests skip
     assert "| 3 devices | CMU-MOSI atv, 6 epochs on the CPU |" in summary
     assert 'sh scripts/gpu_check.sh --out "$OUT"' in summary
     assert len(list((tmp_path / "check").iterdir())) <= 8
@@ -34,7 +34,7 @@ def test_a_part_that_breaks_is_a_failed_row_and_the_others_still_run(tmp_path):
     assert done.returncode == 1 and "GPU check FAILED" in done.stderr
     assert "label file not found" in done.stderr
     summary = (tmp_path / "check" / "summary.md").read_text()
-    assert "| 1 tests |" in summary and "| 4 runs/GPU |" in summary  # before and after it
+    assert "| 2 tests |" in summary and "| 4 runs/GPU |" in summary  # before and after it
     assert "FAILED: exited with" in summary and "(see devices.log)" in summary
 
 
@@ -60,4 +60,4 @@ def test_a_part_out_of_time_is_a_failed_row_and_the_table_is_written(tmp_path):
                           capture_output=True, text=True, timeout=120)
     summary = (tmp_path / "check" / "summary.md").read_text()
     assert done.returncode == 1 and "FAILED" in summary
-    assert "time" in summary.split("| 1 tests |")[1].splitlines()[0]
+    assert "time" in summary.split("| 2 tests |")[1].splitlines()[0]
