@@ -164,3 +164,18 @@ def test_the_official_code_runs_on_our_gpu():
         feature_names={"a": "a", "t": "t", "v": "v"}, device=device)
     assert argv("cuda:1")[-1] == "--gpu=1" and argv("cuda")[-1] == "--gpu=0"
     assert argv("cpu")[-1] == "--no-cuda"
+
+
+def test_a_gpu_evaluates_a_split_in_one_pass_and_the_cpu_in_batches(tiny_root, tmp_path):
+    from dataloader.batch import BatchBuilder
+    from dataloader.gcnet import load_dataset
+    from MoMKE.trainer import FoldTrainer
+    config = tiny_config(tiny_root, tmp_path, batch_size=1)
+    data, cpu = load_dataset("CMUMOSI", str(tiny_root)), torch.device("cpu")
+    fold = FoldTrainer(config, data, 0, ATV, cpu, BatchBuilder(data, cpu))
+    fold._assemble = lambda conversations, available: (list(conversations), None)
+    on_cpu = [batch for batch, _ in fold._evaluation_batches("test", 2, ATV)]
+    assert len(on_cpu) > 1 and all(len(batch) <= config.batch_size for batch in on_cpu)
+    fold.device, fold._eval_batches = torch.device("cuda", 0), {}  # only its type is read
+    on_gpu = [batch for batch, _ in fold._evaluation_batches("test", 2, ATV)]
+    assert on_gpu == [sum(on_cpu, [])]
