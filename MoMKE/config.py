@@ -28,8 +28,9 @@ PAPER_SCHEDULE = {"CMUMOSI": (32, 300, 150), "CMUMOSEI": (32, 100, 50),
 
 
 # Default --chunk-utterances: float32 runs fastest with small chunks on the CPU, bfloat16 matrix
-# products with whole batches (measured: MoMKE.bench, docs/precision-and-speed.md).
-CHUNK_UTTERANCES, AMP_CHUNK_UTTERANCES = 256, 1024
+# products with whole batches (measured: MoMKE.bench, docs/precision-and-speed.md). A GPU is
+# bound by kernel launches, not memory, at MoMKE's sizes: there a batch runs whole (0).
+CHUNK_UTTERANCES, AMP_CHUNK_UTTERANCES, CUDA_CHUNK_UTTERANCES = 256, 1024, 0
 
 
 class ConfigError(ValueError):
@@ -68,8 +69,9 @@ class TrainConfig:
     chunk_utterances: int | None = _option(
         "largest number of utterances run through the model at once: a batch with more is "
         "split into chunks of whole conversations whose gradients add up to the batch's (the "
-        "same update, less memory; default: 256, or 1024 with --amp, whose bfloat16 matrix "
-        "products need larger blocks to run at speed and whose activations take half the memory)")
+        "same update, less memory; 0: the whole batch at once; default on the CPU: 256, or 1024 "
+        "with --amp, whose bfloat16 matrix products need larger blocks to run at speed; on a "
+        "GPU: 0)")
     expert_handover: str = _option(
         "stage-1 weights stage 2 starts from: best (each modality's best stage-1 epoch, the "
         "paper's intent) or last (what the released code effectively does)",
@@ -158,7 +160,8 @@ class TrainConfig:
         official = dict(select_from="all", expert_handover="last") if self.official else {}
         chunk = self.chunk_utterances
         if chunk is None:
-            chunk = AMP_CHUNK_UTTERANCES if self.amp else CHUNK_UTTERANCES
+            chunk = CUDA_CHUNK_UTTERANCES if _on_cuda(self.device) else \
+                AMP_CHUNK_UTTERANCES if self.amp else CHUNK_UTTERANCES
         out = dataclasses.replace(self, test_condition=conditions, missing_rate=rates,
                                   epochs=epochs, stage_epochs=stage,
                                   batch_size=batch if self.batch_size is None else self.batch_size,
@@ -171,9 +174,11 @@ class TrainConfig:
         if self.threads < 0:
             raise ConfigError(f"--threads {self.threads} must be 0 (torch's default) or a "
                               f"positive number of threads.")
+        if self.chunk_utterances < 0:
+            raise ConfigError(f"--chunk-utterances {self.chunk_utterances} must be 0 (the whole "
+                              f"batch at once) or a positive number of utterances.")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "hidden": self.hidden,
-                    "depth": self.depth, "num_heads": self.num_heads,
-                    "chunk_utterances": self.chunk_utterances}
+                    "depth": self.depth, "num_heads": self.num_heads}
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {value} must be at least 1.")
@@ -334,3 +339,12 @@ def variant_name(config: dict) -> str:
     if config.get("train_missing", "run") != "run":
         return f"unified ({config['train_missing']})"
     return "MoMKE" if config.get("ablation", "none") == "none" else config["ablation"]
+
+
+def _on_cuda(device: str) -> bool:
+    """Whether --device `device` runs on a GPU (auto: when torch sees one)."""
+    if device == "auto":
+        import torch  # here only: parsing flags needs no torch otherwise
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")

@@ -50,7 +50,8 @@ def assemble(builder: BatchBuilder, conversations: list[int], available: Tensor,
 
 class Evaluator:
     """The evaluation batches of one fold's splits, built once per (split, setting, stage), and
-    the passes of a model over them. Batches hold `batch_size` conversations, as in training."""
+    the passes of a model over them. Batches hold `batch_size` conversations on the CPU, as in
+    training, and a whole split on a GPU."""
 
     def __init__(self, data: MultimodalDataset, fold: int, builder: BatchBuilder, *, seed: int,
                  batch_size: int, amp: bool, device: torch.device,
@@ -74,7 +75,10 @@ class Evaluator:
             available = setting.evaluation_availability(
                 stage, int(lengths.sum()), seed=self.seed, fold=self.fold, split=split)
             bounds = np.concatenate([[0], np.cumsum(lengths)])
-            batches, size = [], self.batch_size
+            # A GPU evaluates a split in one pass: its memory holds it, and fewer, larger
+            # batches launch fewer kernels. The CPU keeps batches of --batch-size.
+            batches = []
+            size = max(1, len(conversations)) if self.device.type == "cuda" else self.batch_size
             for start in range(0, len(conversations), size):
                 stop = min(start + size, len(conversations))
                 batches.append(assemble(self.builder, conversations[start:stop],

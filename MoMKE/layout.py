@@ -66,6 +66,8 @@ class TokenLayout:
     rows: dict[str, int]
     slots: dict[str, Tensor]
     attend: dict[str, Tensor]
+    # host ints, never moved: the tokens of m per conversation, for counting without the device
+    per_conversation: dict[str, tuple[int, ...]] = field(default_factory=dict)
     _stacked: dict[tuple[str, ...], PackedRows] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -81,13 +83,13 @@ class TokenLayout:
             raise ValueError(f"packing {packing!r}: use one of {', '.join(PACKINGS)}.")
         length = padding.shape[1]
         valid = (~padding).reshape(-1).nonzero().squeeze(1)
-        observed, rows, slots, attend = {}, {}, {}, {}
+        observed, rows, slots, attend, counted = {}, {}, {}, {}, {}
         packings: dict[tuple[int, ...], tuple[int, Tensor, Tensor]] = {}
         for i, m in enumerate(MODALITIES):
             present = available[..., i] & ~padding  # (B, L)
             observed[m] = present.reshape(-1).nonzero().squeeze(1)
             per_conversation = present.sum(dim=1)  # (B,)
-            counts = tuple(per_conversation.tolist())
+            counts = counted[m] = tuple(per_conversation.tolist())
             if counts not in packings:  # fixed conditions: every modality packs alike
                 packings[counts] = _pack_rows(counts, length, shared=packing == "shared")
             rows[m], start, attend[m] = packings[counts]
@@ -96,7 +98,8 @@ class TokenLayout:
             rank = torch.arange(len(observed[m])) - first[conversation]  # place in its conversation
             slots[m] = start[conversation] + rank
         valid_position = {m: torch.searchsorted(valid, t) for m, t in observed.items()}
-        return cls(padding.shape[0], length, observed, valid, valid_position, rows, slots, attend)
+        return cls(padding.shape[0], length, observed, valid, valid_position, rows, slots, attend,
+                   counted)
 
     def to(self, device: torch.device) -> TokenLayout:
         """This layout on `device`; to a GPU through pinned memory, without waiting for it."""
@@ -106,7 +109,7 @@ class TokenLayout:
         moved = lambda d: {m: move(t) for m, t in d.items()}  # noqa: E731
         return TokenLayout(self.conversations, self.length, moved(self.observed), move(self.valid),
                            moved(self.valid_position), dict(self.rows), moved(self.slots),
-                           moved(self.attend))
+                           moved(self.attend), self.per_conversation)
 
     def count(self, m: str) -> int:
         return int(self.observed[m].shape[0])

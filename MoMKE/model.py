@@ -94,10 +94,11 @@ def _keep_mask(x: Tensor, p: float) -> Tensor:
 
 
 # The compiler would otherwise draw dropout with its own per-element generator, which on a CPU
-# made compiled epochs about 1.5x slower than eager ones (measured on the expert stack).
-torch.library.custom_op("momke::keep_mask", _keep_mask, mutates_args=())
+# made compiled epochs about 1.5x slower than eager ones (measured on the expert stack). A CPU
+# kernel only: on a GPU `BitDropout` is `nn.Dropout`. The fake mask sits on x's device.
+torch.library.custom_op("momke::keep_mask", _keep_mask, mutates_args=(), device_types="cpu")
 torch.library.register_fake("momke::keep_mask")(
-    lambda x, p: torch.empty(x.shape, dtype=torch.uint8))
+    lambda x, p: x.new_empty(x.shape, dtype=torch.uint8))
 
 
 def _dropout(p: float, config: ModelConfig) -> nn.Dropout:

@@ -46,14 +46,15 @@ import torch
 from dataloader.atomic import append_text, save_torch_atomic, write_atomic, write_errors_named
 from MoMKE.config import ConfigError, TrainConfig, config_to_yaml
 from MoMKE.protocols import CONDITIONS, MissingSetting
-from MoMKE.runtime import code_version
+from MoMKE.runtime import code_version, hardware
 from MoMKE.selection import RULE_LABELS, json_safe
 
 log = logging.getLogger("MoMKE")
 
 # Fields that do not change what a run computes. The data root is replaced by the fingerprint of
-# the data found there; the condition and rate by the setting. Thread count and device change
-# float rounding only (docs/runs.md), not the experiment.
+# the data found there; the condition and rate by the setting; the --device flag by the hardware
+# it resolved to (`runtime.hardware`: auto and cpu on a CPU are one identity). The thread count
+# changes float rounding only (docs/runs.md), not the experiment.
 _NOT_IN_IDENTITY = ("test_condition", "missing_rate", "data_root", "device", "threads",
                     "output_dir", "save_checkpoint", "reuse_stage1", "force", "config")
 VARIANT_FIELDS = ("ablation", "train_missing")
@@ -68,11 +69,13 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def run_identity(config: TrainConfig, setting: MissingSetting, fingerprint: str) -> dict:
-    """Everything a run's numbers depend on: stored in its result, hashed into its folder name."""
+def run_identity(config: TrainConfig, setting: MissingSetting, fingerprint: str,
+                 device: torch.device) -> dict:
+    """Everything a run's numbers depend on: stored in its result, hashed into its folder name.
+    `device` is the one the run resolved (`runtime.resolve_device`), not the flag."""
     return {"config": {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_IDENTITY},
             "setting": setting.name, "data": fingerprint, "code": code_version(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "hardware": hardware(device)}
 
 
 def identity_hash(identity: dict) -> str:
@@ -87,8 +90,9 @@ def experiment_hash(identity: dict, *, ignore: tuple[str, ...] = ()) -> str:
     return _digest({**identity, "config": config, "setting": None})[:10]
 
 
-def run_folder(config: TrainConfig, setting: MissingSetting, fingerprint: str) -> Path:
-    digest = identity_hash(run_identity(config, setting, fingerprint))[:12]
+def run_folder(config: TrainConfig, setting: MissingSetting, fingerprint: str,
+               device: torch.device) -> Path:
+    digest = identity_hash(run_identity(config, setting, fingerprint, device))[:12]
     return Path(config.output_dir) / config.dataset / f"{setting.name}_seed{config.seed}_{digest}"
 
 

@@ -28,7 +28,7 @@ from MoMKE.protocols import CONDITIONS, MissingSetting
 from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, RunLock, RunLocked, epoch_line,
                           experiment_hash, identity_hash, log_result, note_attempt_log,
                           read_result, run_folder, run_identity)
-from MoMKE.runtime import amp_active, code_version, source_version
+from MoMKE.runtime import amp_active, code_version, resolve_device, source_version
 from MoMKE.selection import RULE_LABELS, fold_summary, mean_over_folds, mean_router
 from MoMKE.trainer import Diverged, FoldTrainer, model_config_for
 
@@ -46,8 +46,18 @@ class RunSpec:
     fingerprint: str  # of the data the run reads (`dataloader.gcnet.data_fingerprint`)
 
     @property
+    def device(self) -> torch.device:
+        """The device this run resolves to here: part of its identity. A GPU this process does
+        not see (a Ray driver without one) stays unresolved: such a run never counts as complete
+        here, and the task that trains it checks its own identity first."""
+        try:
+            return resolve_device(self.config.device)
+        except ValueError:
+            return torch.device(self.config.device)
+
+    @property
     def folder(self) -> Path:
-        return run_folder(self.config, self.setting, self.fingerprint)
+        return run_folder(self.config, self.setting, self.fingerprint, self.device)
 
     @property
     def log_file(self) -> Path:
@@ -65,7 +75,7 @@ class RunSpec:
         return stage1_cache.group_key(self.config, self.setting)
 
     def is_complete(self) -> bool:
-        identity = run_identity(self.config, self.setting, self.fingerprint)
+        identity = run_identity(self.config, self.setting, self.fingerprint, self.device)
         return read_result(self.folder, identity) is not None
 
     def result_stamp(self) -> tuple[int, int] | None:
@@ -95,8 +105,8 @@ def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
     only once its result is written. Raises Diverged (no result written; an earlier result stays)
     and RunLocked (another process trains this run)."""
     config = as_run_on(config, device)
-    identity = run_identity(config, setting, data.fingerprint)
-    folder = RunFolder(run_folder(config, setting, data.fingerprint), data.data_source)
+    identity = run_identity(config, setting, data.fingerprint, device)
+    folder = RunFolder(run_folder(config, setting, data.fingerprint, device), data.data_source)
     # Reading is enough to skip a complete run (a read-only output folder included); under the
     # lock it is looked at again, as another process may have completed it meanwhile.
     if (done := _complete(config, folder, identity)) is not None:

@@ -2,8 +2,9 @@
 
 The CPU path is the reference; CUDA runs the same code. `--amp` wraps the forward pass in bfloat16
 autocast on either device: matrix products run in bfloat16, while weights, optimiser state,
-softmaxes, losses and metrics stay in float32. A CPU without bfloat16 arithmetic in hardware would
-emulate it, slower than float32, so there `--amp` says so once and runs float32.
+softmaxes, losses and metrics stay in float32. A CPU without bfloat16 arithmetic in hardware, or a
+GPU older than Ampere, would emulate it, slower than float32, so there `--amp` says so once and
+runs float32.
 """
 from __future__ import annotations
 
@@ -33,9 +34,14 @@ for _variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; 'cpu'; 'cuda' or 'cuda:N' (checked)."""
+    """'auto' -> CUDA when available, else CPU; 'cpu'; 'cuda' or 'cuda:N' (checked).
+
+    A GPU comes back with its index ('cuda' and 'auto' name the current one), with CUDA started
+    and that GPU made current: later calls that name it by index (peak-memory statistics) find
+    CUDA initialised, and calls that use the current GPU (pinned memory, seeding) open no second
+    context on GPU 0."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -46,9 +52,25 @@ def resolve_device(name: str) -> torch.device:
                              f"use --device cpu or auto.")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible.")
-    elif device.type != "cpu":
+        torch.cuda.init()
+        index = torch.cuda.current_device() if device.index is None else device.index
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    if device.type != "cpu":
         raise ValueError(f"--device {name!r}: use auto, cpu or cuda:N.")
     return device
+
+
+def hardware(device: torch.device) -> dict[str, str | None]:
+    """What a run's numbers depend on in the machine it ran on (docs/runs.md): the device type,
+    and on a GPU its model and the CUDA version. The CPU and CUDA draw dropout from different
+    generators and autocast keeps different operations in float32 on each, so these change the
+    numbers beyond rounding; the GPU's index does not."""
+    if device.type != "cuda":
+        return {"device": device.type}
+    if not torch.cuda.is_available():  # a driver planning runs for GPUs that only its nodes have
+        return {"device": "cuda", "gpu": None, "cuda": torch.version.cuda}
+    return {"device": "cuda", "gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -68,9 +90,12 @@ def amp_active(device: torch.device) -> bool:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether `device` does bfloat16 arithmetic in hardware: every CUDA device, and the CPUs of
-    `cpu_has_bf16`."""
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    """Whether `device` does bfloat16 arithmetic in hardware: a GPU of compute capability 8.0
+    (Ampere) or later, and the CPUs of `cpu_has_bf16`. Older GPUs emulate it, slower than
+    float32."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and cpu_has_bf16()
 
 
 @lru_cache(maxsize=1)
@@ -89,8 +114,9 @@ def cpu_has_bf16() -> bool:
 @lru_cache(maxsize=1)
 def _say_no_bf16() -> None:
     logging.getLogger("MoMKE").warning(
-        "--amp: this CPU has no bfloat16 arithmetic in hardware (AVX-512 BF16, AMX or ARM BF16), "
-        "where bfloat16 would be slower than float32; running float32.")
+        "--amp: this device has no bfloat16 arithmetic in hardware (a CPU without AVX-512 BF16, "
+        "AMX or ARM BF16, or a GPU older than compute capability 8.0), where bfloat16 would be "
+        "slower than float32; running float32.")
 
 
 def compile_experts(model: torch.nn.Module) -> None:
@@ -101,14 +127,23 @@ def compile_experts(model: torch.nn.Module) -> None:
         expert.compile(dynamic=True)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak-memory count of a run or fold afresh: on a GPU only (a process's peak
+    resident set size cannot be reset; `peak_memory` says so)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory(device: torch.device) -> dict[str, float | str]:
-    """Peak CUDA memory allocated on a GPU, or the process's peak resident set size on the CPU."""
+    """Peak CUDA memory allocated on a GPU since `reset_peak_memory`, or the peak resident set
+    size of the whole process on the CPU (every earlier run of the process included)."""
     if device.type == "cuda":
         return {"device": str(device), "memory": "peak_cuda_allocated",
                 "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return {"device": "cpu", "memory": "peak_rss", "peak_memory_mb": peak * scale / 2**20}
+    return {"device": "cpu", "memory": "peak_rss_of_process",
+            "peak_memory_mb": peak * scale / 2**20}
 
 
 # The code version covers the method and one run: MoMKE/*.py and dataloader/*.py. The floors

@@ -7,7 +7,8 @@ epoch records and the test predictions the selection rules kept from them (with 
 all` stage-1 epochs are candidates), so a run that reuses it computes exactly what a run
 retraining it computes.
 The key is the run identity restricted to what stage 1 depends on (its settings, the data
-fingerprint, the code version), plus the fold; files live in `<output-dir>/_stage1/`. A file that
+fingerprint, the code version), plus the fold and the hardware (`runtime.hardware`: the device
+type, and on a GPU its model and CUDA version); files live in `<output-dir>/_stage1/`. A file that
 does not load, or holds other keys or shapes than this model's, is retrained with one warning.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataloader.atomic import save_torch_atomic, write_errors_named
 from dataloader.gcnet import MultimodalDataset
 from MoMKE.config import TrainConfig
 from MoMKE.protocols import MissingSetting
-from MoMKE.runtime import code_version
+from MoMKE.runtime import code_version, hardware
 
 log = logging.getLogger("MoMKE")
 
@@ -43,7 +44,7 @@ def _stage1_identity(config: TrainConfig, setting: MissingSetting) -> dict:
 
 def key_for(config: TrainConfig, data: MultimodalDataset, fold: int, setting: MissingSetting,
             device: torch.device) -> str:
-    payload = {**_stage1_identity(config, setting), "fold": fold, "device": device.type,
+    payload = {**_stage1_identity(config, setting), "fold": fold, "device": hardware(device),
                "data": data.fingerprint}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 

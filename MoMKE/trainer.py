@@ -29,7 +29,7 @@ from MoMKE.evaluation import Collector, Evaluator, assemble
 from MoMKE.layout import TokenLayout
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE
 from MoMKE.protocols import CONDITIONS, MissingSetting
-from MoMKE.runtime import HeapTrimmer, autocast, compile_experts, peak_memory
+from MoMKE.runtime import HeapTrimmer, autocast, compile_experts, peak_memory, reset_peak_memory
 from MoMKE.selection import VIEW, SelectedPredictions, in_pool, scores_of
 
 log = logging.getLogger("MoMKE")
@@ -71,6 +71,7 @@ class FoldTrainer:
         self.splits = {"train": list(data.folds[fold].train), "val": list(data.folds[fold].val),
                        "test": list(data.folds[fold].test)}
         self.heap = HeapTrimmer()
+        reset_peak_memory(device)  # each fold's epochs log its own peak, not earlier runs'
         fold_seed = config.seed + 1000 * fold
         torch.manual_seed(fold_seed)  # initialisation and dropout
         self.generator = torch.Generator().manual_seed(fold_seed + 1)  # data order, train masks
@@ -324,7 +325,10 @@ def _non_finite(value: object, path: str = "") -> str | None:
 
 
 def _chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
-    """Consecutive conversation ranges of at most `budget` utterances (at least one each)."""
+    """Consecutive conversation ranges of at most `budget` utterances (at least one each);
+    budget 0: the whole batch at once."""
+    if budget == 0:
+        return [(0, len(lengths))]
     ranges, first, total = [], 0, 0
     for i, n in enumerate(lengths):
         if i > first and total + n > budget:

@@ -102,3 +102,43 @@ def test_a_late_recompilation_lands_in_the_excess_not_in_the_steady_epoch():
     assert cost["seconds"] == pytest.approx(0.315)
     assert cost["excess_seconds"] == pytest.approx(30.685 + 9.885 + 0.005, abs=1e-9)
     assert measured_epochs(2, compiled=True) >= 4 and measured_epochs(2, compiled=False) == 2
+
+
+def test_the_operations_of_a_training_step_are_counted_and_printed(tiny_root, tmp_path):
+    """What a GPU step costs in launches: hundreds of ATen operations at the paper's depth."""
+    from dataloader.batch import BatchBuilder
+    from dataloader.gcnet import load_dataset
+    from MoMKE.experiments.bench import summarise
+    from MoMKE.experiments.throughput import step_operations
+    from MoMKE.protocols import MissingSetting
+    from MoMKE.trainer import FoldTrainer
+    from tests.conftest import tiny_config
+    config = tiny_config(tiny_root, tmp_path, depth=4)
+    data, cpu = load_dataset("CMUMOSI", str(tiny_root)), torch.device("cpu")
+    count = step_operations(FoldTrainer(config, data, 0, MissingSetting("fixed", condition="atv"),
+                                        cpu, BatchBuilder(data, cpu)))
+    assert 300 < count < 3000
+    cost = lambda seconds: {"seconds": seconds, "flops": 1e9, "utterances": 100,  # noqa: E731
+                            "real_tokens": 90, "padded_tokens": 100, "grid_tokens": 90,
+                            "grid_slots": 100}
+    m = {"dataset": "CMUMOSI", "stage1": cost(0.3), "stage2": {c: cost(0.9) for c in CONDITIONS},
+         "random": {"0.7": {"stage1": cost(0.3), "stage2": cost(0.8)}}, "stage_epochs": 150,
+         "epochs": 300, "folds": 1, "batch_size": 32, "threads": 1, "device": "cpu",
+         "matmul_gflops": 10.0, "peak_memory": {"peak_memory_mb": 700.0, "memory": "x"},
+         "step_operations": count}
+    assert f"{count} ATen compute operations per stage-2 training step" in \
+        next(line for line in summarise(m) if line.startswith("stage 2 epoch"))
+
+
+def test_flops_from_the_host_counts_equal_the_device_count():
+    """The meter counts attention from the layout's host counts, never waiting for a GPU."""
+    config = ModelConfig(input_dims=(2, 2, 2), num_outputs=1, hidden=4, depth=1, num_heads=1)
+    available = torch.rand(3, 5, 3) < 0.6
+    padding = torch.arange(5)[None, :] >= torch.tensor([5, 2, 4])[:, None]
+    layout = TokenLayout.from_masks(available, padding)
+    assert layout.per_conversation["a"] == tuple((available[..., 0] & ~padding).sum(1).tolist())
+    without = TokenLayout(*[getattr(layout, f) for f in (
+        "conversations", "length", "observed", "valid", "valid_position", "rows", "slots",
+        "attend")])
+    for stage in (1, 2):
+        assert model_flops(layout, config, stage) == model_flops(without, config, stage)

@@ -83,8 +83,10 @@ def test_chunk_default_follows_the_precision_and_an_explicit_value_wins(tiny_roo
     assert tiny_config(tiny_root, tmp_path).chunk_utterances == CHUNK_UTTERANCES
     assert tiny_config(tiny_root, tmp_path, amp=True).chunk_utterances == AMP_CHUNK_UTTERANCES
     assert tiny_config(tiny_root, tmp_path, amp=True, chunk_utterances=64).chunk_utterances == 64
-    with pytest.raises(ValueError, match="--chunk-utterances 0"):
-        TrainConfig(dataset="CMUMOSI", chunk_utterances=0).resolved()
+    # 0 is the whole batch at once (a GPU's default); below it is refused
+    assert tiny_config(tiny_root, tmp_path, chunk_utterances=0).chunk_utterances == 0
+    with pytest.raises(ValueError, match="--chunk-utterances -1"):
+        TrainConfig(dataset="CMUMOSI", chunk_utterances=-1).resolved()
 
 
 def test_compiled_experts_keep_their_names_and_compute_the_same():

@@ -47,7 +47,7 @@ from dataloader.datasets import get_spec
 from dataloader.gcnet import load_dataset
 from dataloader.synthetic import generate
 from MoMKE.config import PAPER_SCHEDULE, TrainConfig
-from MoMKE.experiments.throughput import matmul_throughput, model_flops
+from MoMKE.experiments.throughput import matmul_throughput, model_flops, step_operations
 from MoMKE.model import MODALITIES, MoMKE
 from MoMKE.protocols import CONDITIONS, RATES, MissingSetting
 from MoMKE.runtime import bf16_supported, peak_memory, resolve_device
@@ -193,6 +193,10 @@ def measure(dataset: str, data_root: Path, device: torch.device, epochs: int,
     out["matmul_gflops"] = matmul_throughput(device, config.hidden, tokens)
     out["bf16_matmul_gflops"] = matmul_throughput(device, config.hidden, tokens,
                                                   torch.bfloat16) if bf16 else None
+    # A compiled step runs generated kernels, not ATen operations: counted in eager modes only.
+    out["step_operations"] = None if config.compile else step_operations(FoldTrainer(
+        config, data, 0, MissingSetting("fixed", condition="atv"), device,
+        BatchBuilder(data, device)))
     if device.type == "cuda":
         out["gpu_busy"] = gpu_busy(config, data, device)
     return out
@@ -200,7 +204,8 @@ def measure(dataset: str, data_root: Path, device: torch.device, epochs: int,
 
 def gpu_busy(config: TrainConfig, data, device: torch.device) -> dict[str, float]:
     """One stage-2 atv epoch under the profiler: wall seconds against the seconds the GPU spent
-    in kernels (how much of the epoch the GPU works; the rest it waits for the host)."""
+    in kernels (how much of the epoch the GPU works; the rest it waits for the host), and the
+    epoch's training steps (its evaluation included in the wall seconds)."""
     from torch.profiler import ProfilerActivity, profile
     fold = FoldTrainer(config, data, 0, MissingSetting("fixed", condition="atv"), device,
                        BatchBuilder(data, device))
@@ -213,7 +218,8 @@ def gpu_busy(config: TrainConfig, data, device: torch.device) -> dict[str, float
         wall = time.perf_counter() - started
     kernels = sum(event.self_device_time_total for event in profiler.key_averages()
                   if event.device_type == torch.autograd.DeviceType.CUDA) / 1e6
-    return {"wall_seconds": wall, "kernel_seconds": kernels}
+    steps = -(-len(fold.splits["train"]) // config.batch_size)  # training steps of the epoch
+    return {"wall_seconds": wall, "kernel_seconds": kernels, "steps": steps}
 
 
 # ----------------------------------------------------------------------------- projection
@@ -270,7 +276,9 @@ def summarise(m: dict) -> list[str]:
              f"stage 2 epoch: atv {atv['seconds']:.2f} s "
              f"({atv['utterances'] / atv['seconds']:.0f} utterances/s); mean of the seven "
              f"conditions {mean2:.2f} s (" + ", ".join(
-                 f"{c} {stage2[c]['seconds']:.2f}" for c in CONDITIONS) + ")",
+                 f"{c} {stage2[c]['seconds']:.2f}" for c in CONDITIONS) + ")"
+             + (f"; {m['step_operations']} ATen compute operations per stage-2 training step"
+                if m.get("step_operations") else ""),
              "random rates, epoch seconds: " + ", ".join(
                  f"{r}: stage 1 {v['stage1']['seconds']:.2f} / stage 2 {v['stage2']['seconds']:.2f}"
                  for r, v in m["random"].items())]

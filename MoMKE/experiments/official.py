@@ -159,7 +159,10 @@ def command(*, dataset: str, condition: str, seed: int, epochs: int, stage_epoch
             f"--hidden={hidden}", f"--depth={depth}", f"--num_heads={num_heads}",
             f"--drop_rate={drop_rate}", f"--attn_drop_rate={attn_drop_rate}",
             f"--test_condition={condition}", f"--stage_epoch={stage_epochs}"]
-    return argv + (["--gpu=0"] if device.startswith("cuda") else ["--no-cuda"])
+    if not device.startswith("cuda"):
+        return argv + ["--no-cuda"]
+    _, _, index = device.partition(":")  # the GPU our runs use: cuda:N (cuda: the first)
+    return argv + [f"--gpu={index or 0}"]
 
 
 # ----------------------------------------------------------------------------- its log

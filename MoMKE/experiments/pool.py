@@ -72,22 +72,24 @@ def machine_memory_bytes() -> int:
 
 
 def default_jobs(dataset: str, device: torch.device, threads: int = 0,
-                 cuda_peak_bytes: int | None = None) -> tuple[int, str]:
+                 cuda_peak_bytes: int | None = None, gpus: int = 1) -> tuple[int, str]:
     """K, the runs to train at once, and the reason in words.
 
     CPU: one run per `threads` cores (one per core when --threads is not given), as many as
-    half of the memory holds at the measured peak of one run. GPU: as many runs as half of the
-    GPU's memory holds at `cuda_peak_bytes` (one run's measured peak, `probe_cuda_peak`) plus a
-    CUDA context each, and at most one per CPU core, which drives it."""
+    half of the memory holds at the measured peak of one run. GPU: on each of the `gpus` GPUs
+    the workers share (`worker_gpus`), as many runs as half of its memory holds at
+    `cuda_peak_bytes` (one run's measured peak, `probe_cuda_peak`) plus a CUDA context each; and
+    at most one per CPU core, which drives it."""
     cores = available_cores()
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         per_run = (cuda_peak_bytes or 2**30) + CUDA_CONTEXT_BYTES
         by_memory = max(1, int(MEMORY_SHARE * total / per_run))
-        jobs = min(cores, by_memory)
-        return jobs, (f"{jobs} runs at once on {torch.cuda.get_device_name(device)}: "
-                      f"{total / 2**30:.0f} GB hold {by_memory} runs of {per_run / 2**30:.2f} GB "
-                      f"(measured peak plus a CUDA context) in half of it; {cores} CPU cores")
+        jobs = min(cores, by_memory * max(1, gpus))
+        return jobs, (f"{jobs} runs at once on {max(1, gpus)} x "
+                      f"{torch.cuda.get_device_name(device)}: {total / 2**30:.0f} GB hold "
+                      f"{by_memory} runs of {per_run / 2**30:.2f} GB (measured peak plus a CUDA "
+                      f"context) in half of it; {cores} CPU cores")
     per_run = max(1, threads)
     peak = PEAK_MEMORY_GB.get(dataset, max(PEAK_MEMORY_GB.values())) * 2**30
     by_memory = max(1, int(MEMORY_SHARE * machine_memory_bytes() / peak))
@@ -95,6 +97,20 @@ def default_jobs(dataset: str, device: torch.device, threads: int = 0,
     return jobs, (f"{jobs} run(s) at once with {max(1, cores // jobs)} thread(s) each: {cores} "
                   f"cores; half of {machine_memory_bytes() / 2**30:.0f} GB holds {by_memory} "
                   f"runs of {peak / 2**30:.2f} GB")
+
+
+def worker_gpus(device_flag: str, inherited: str | None, count: int) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value of each GPU the workers share out, for --device
+    `device_flag` in a process that inherited CUDA_VISIBLE_DEVICES=`inherited` (None: unset) and
+    sees `count` GPUs. Entries of the inherited list (indices, UUIDs, MIG names) are passed on as
+    they are, so a worker sees the GPU its parent calls cuda:N, not physical GPU N; 'cuda:N'
+    puts every worker on that one GPU, 'cuda' and 'auto' spread them over all."""
+    if inherited is None:
+        entries = [str(i) for i in range(count)]
+    else:  # CUDA stops at the first entry it cannot use: so does torch's count
+        entries = [entry.strip() for entry in inherited.split(",")][:count]
+    index = torch.device(device_flag).index if device_flag.startswith("cuda") else None
+    return [entries[index]] if index is not None else entries
 
 
 def probe_cuda_peak(config: TrainConfig, data: MultimodalDataset, device: torch.device) -> int:
@@ -116,7 +132,7 @@ _DATA: dict[tuple, MultimodalDataset] = {}  # per worker process: each dataset l
 
 
 def _init_worker(slots: "multiprocessing.Queue[int]", cores_per_slot: list[list[int]],
-                 threads: int, gpus: int, sweep_pid: int) -> None:
+                 threads: int, gpus: list[str], sweep_pid: int) -> None:
     """Take a slot: pin to its cores (CPU) or its GPU, set the thread count, quiet console."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep handles Ctrl-C and stops workers
     # The sweep's pid comes from the sweep: a worker spawned just before its sweep was killed
@@ -125,8 +141,8 @@ def _init_worker(slots: "multiprocessing.Queue[int]", cores_per_slot: list[list[
     slot = slots.get()
     if cores_per_slot and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores_per_slot[slot % len(cores_per_slot)])
-    if gpus > 1:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)  # before CUDA starts here
+    if gpus:  # the slot's GPU, the only one this worker sees (its runs say --device cuda)
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]  # before CUDA starts here
     torch.set_num_threads(threads)
     setup_console_logging(logging.WARNING)  # epoch lines go to each run.log
     # tqdm's default lock is a multiprocessing one: a worker stopped by Ctrl-C would leave it
@@ -180,12 +196,12 @@ def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummar
     for slot in range(jobs):
         slots.put(slot)
     device = resolve_device(pending[0].config.device)
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    gpus = worker_gpus(pending[0].config.device, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                       torch.cuda.device_count()) if device.type == "cuda" else []
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     per_slot = [cores[k * threads:(k + 1) * threads] for k in range(jobs)] \
         if device.type == "cpu" and len(cores) >= jobs * threads else []
-    with_threads = lambda run: run.config if run.config.threads else dataclasses.replace(  # noqa: E731
-        run.config, threads=threads)
+    with_threads = lambda run: _for_worker(run.config, threads, bool(gpus))  # noqa: E731
     started, total = time.perf_counter(), len(pending)
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_init_worker,
                                initargs=(slots, per_slot, threads, gpus, os.getpid()))
@@ -231,6 +247,15 @@ def run_in_pool(runs: Sequence[RunSpec], jobs: int, threads: int) -> SweepSummar
     summary.sort_like(pending)
     wait_for_others(summary, lambda rest: run_in_pool(rest, jobs, threads))
     return summary
+
+
+def _for_worker(config: TrainConfig, threads: int, own_gpu: bool) -> TrainConfig:
+    """A run's config as a worker runs it: its share of threads (unless the run sets them), and
+    on a GPU 'cuda', the one GPU the worker sees (`worker_gpus`)."""
+    changes = {} if config.threads else {"threads": threads}
+    if own_gpu:
+        changes["device"] = "cuda"
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def _submit(pool: ProcessPoolExecutor, task: Callable[..., None], *args: object) -> Future:

@@ -216,6 +216,27 @@ def _check_resources(cpus_per_run: float, gpus_per_run: float, max_retries: int,
     if gpus_per_run > 0 and numbered is not None:
         raise ConfigError(f"--device {numbered} names a GPU by number, but Ray gives each run "
                           f"its own GPU (--gpus-per-run); use --device auto or cuda.")
+    if runs:
+        _check_device(runs[0].config.device, gpus_per_run)
+
+
+def _check_device(flag: str, gpus_per_run: float) -> None:
+    """The device the driver resolves is the one the runs' identities name, so the tasks must
+    train on it. Ray hides every GPU from a task that asks for none (its CUDA_VISIBLE_DEVICES is
+    empty), and shows one to a task that asks for some: refuse what would put a run elsewhere."""
+    try:
+        device = resolve_device(flag)
+    except ValueError:  # a GPU only the nodes have: the task resolves it, or says why not
+        return
+    if device.type == "cuda" and gpus_per_run == 0:
+        raise ConfigError(f"--device {flag} trains on a GPU, but with --gpus-per-run 0 Ray hides "
+                          f"every GPU from its runs; give --gpus-per-run 1 (0.25: four runs "
+                          f"share a GPU) or --device cpu.")
+    if device.type == "cpu" and flag == "auto" and gpus_per_run > 0:
+        raise ConfigError(f"--gpus-per-run {gpus_per_run:g} gives each run a GPU, but this "
+                          f"driver sees none, so --device auto names the CPU in the runs' "
+                          f"identities; start the sweep on a node with a GPU, or give "
+                          f"--gpus-per-run 0 or --device cpu.")
 
 
 def _connect(ray: Any, address: str) -> None:
@@ -245,9 +266,10 @@ def _check_cluster(ray: Any, cpus: float, gpus: float, runs: Sequence[RunSpec], 
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     if gpus == 0 and any(r.get("GPU", 0) for r in nodes) and any(
             run.config.device != "cpu" for run in runs):
-        log.warning("the Ray cluster has GPUs but --gpus-per-run is 0: Ray does not share them "
-                    "out, so every run with --device auto or cuda takes its node's first GPU; "
-                    "give --gpus-per-run 1 (or 0.5, ...) or --device cpu.")
+        log.warning("the Ray cluster has GPUs but --gpus-per-run is 0: Ray hides them from "
+                    "every run, which trains on its node's CPU; to use them, start the sweep "
+                    "on a node with a GPU and give --gpus-per-run 1 (0.25: four runs share a "
+                    "GPU).")
     if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
         return
     have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes)

@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from dataloader.datasets import DataError, get_spec
 from dataloader.gcnet import data_fingerprint, feature_names_from, load_dataset
@@ -31,7 +34,8 @@ from MoMKE.config import ABLATIONS, ConfigError, TrainConfig, check_seed, parse_
 from MoMKE.experiments import evaluate
 from MoMKE.experiments.plan import (RunSpec, SweepSummary, file_locked, pending_runs,
                                     wait_for_others)
-from MoMKE.experiments.pool import available_cores, default_jobs, probe_cuda_peak, run_in_pool
+from MoMKE.experiments.pool import (available_cores, default_jobs, probe_cuda_peak, run_in_pool,
+                                    worker_gpus)
 from MoMKE.experiments.ray_executor import import_ray, run_on_ray
 from MoMKE.protocols import settings_from
 from MoMKE.results import report
@@ -172,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "threads unless --threads is given (default: 1)")
     parser.add_argument("--gpus-per-run", type=float, default=0.0,
                         help="with --launcher ray: GPUs each run asks for, e.g. 1 on a GPU box, "
-                             "0.5 for two runs per GPU (default: 0)")
+                             "0.25 for four runs per GPU; 0 hides the GPUs from the runs, so a "
+                             "GPU --device is refused (default: 0)")
     parser.add_argument("--max-retries", type=int, default=3,
                         help="with --launcher ray: times a run is retried when its worker process "
                              "or node dies; a run's own error is never retried (default: 3)")
@@ -258,12 +263,14 @@ def _jobs(text: str, config: TrainConfig, runs: Sequence[RunSpec]) -> tuple[int,
     pending = pending_runs(runs)
     if text == "auto":
         device = resolve_device(config.device)
-        peak = None
+        peak, gpus = None, 1
         if device.type == "cuda" and len(pending) > 1:
             data = load_dataset(config.dataset, config.data_root, feature_names_from(
                 config.audio_feature, config.text_feature, config.video_feature))
             peak = probe_cuda_peak(config, data, device)
-        jobs, why = default_jobs(config.dataset, device, config.threads, peak)
+            gpus = len(worker_gpus(config.device, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                   torch.cuda.device_count()))
+        jobs, why = default_jobs(config.dataset, device, config.threads, peak, gpus)
     else:
         try:
             jobs = int(text)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE, TokenLayout
+from MoMKE.trainer import FoldTrainer
 
 
 # ----------------------------------------------------------------------------- FLOP counting
@@ -23,9 +25,11 @@ def model_flops(layout: TokenLayout, model: ModelConfig, stage: int) -> float:
         [(e, m) for e in MODALITIES for m in active]
     per_token = 2 * (3 * D * D + 2 * D * Dh)  # q, k, v and the MLP
     for _, m in streams:
-        # utterances of m per conversation: attention costs their square (q k^T and a v)
-        per_conversation = torch.bincount(layout.observed[m] // layout.length).double()
-        attention = 2 * 2 * D * float(per_conversation.square().sum())
+        # utterances of m per conversation: attention costs their square (q k^T and a v); from
+        # the layout's host counts, so that metering a GPU run never waits for the GPU
+        squares = sum(n * n for n in layout.per_conversation[m]) if layout.per_conversation \
+            else float(torch.bincount(layout.observed[m] // layout.length).double().square().sum())
+        attention = 2 * 2 * D * squares
         flops += model.depth * (counts[m] * per_token + attention)
     if stage == 1:
         return flops + sum(2 * counts[m] * D * model.num_outputs for m in active)
@@ -44,6 +48,35 @@ def counted_flops(model: MoMKE, features: dict[str, torch.Tensor], layout: Token
     with FlopCounterMode(display=False) as counter:
         model(features, layout, stage)
     return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- operations
+
+# Allocations without arithmetic: not compute (nor are views, `OpOverload.is_view`).
+_ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+
+
+class _OperationCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in _ALLOCATIONS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_operations(fold: FoldTrainer) -> int:
+    """ATen compute operations of one stage-2 training step (forward, backward, Adam) as
+    `FoldTrainer.probe_step` runs it: the longest training conversations, complete data, the
+    largest chunk (a whole batch on a GPU). On a GPU each is at least one kernel launch, which
+    at MoMKE's sizes costs more than its arithmetic. Counted on the second step, the first
+    having made Adam's state."""
+    fold.probe_step()
+    with _OperationCounter() as counter:
+        fold.probe_step()
+    return counter.count
 
 
 # ----------------------------------------------------------------------------- measurements
