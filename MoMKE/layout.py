@@ -31,14 +31,33 @@ PACKINGS = ("shared", "own")
 @dataclass
 class PackedRows:
     """Tokens (N, D) laid out in R rows of S slots for attention: `slots` (N,) is each token's
-    slot r * S + j, `attend` (R, S, S) bool who may attend to whom."""
+    slot r * S + j; `owner` (R, S) the conversation of each slot (-1: empty), from which `mask()`
+    builds `attend` (R, S, S) bool, who may attend to whom, the first time it is asked for: it
+    grows with S squared, so attention over long rows never builds it. `segments` are the token
+    counts of the conversations in token order (each conversation's tokens are contiguous).
+    Rows given by `attend` alone (no `owner`, no `segments`) work too."""
 
     slots: Tensor
-    attend: Tensor
+    attend: Tensor | None = None
+    owner: Tensor | None = None
+    segments: tuple[int, ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(R, S)."""
+        grid = self.owner if self.owner is not None else self.attend
+        return int(grid.shape[0]), int(grid.shape[1])
+
+    def mask(self) -> Tensor:
+        """`attend` (R, S, S): same conversation and a real key."""
+        if self.attend is None:
+            owner = self.owner
+            self.attend = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
+        return self.attend
 
     def pack(self, x: Tensor) -> Tensor:
         """(N, d) -> (R, S, d), zero in empty slots."""
-        R, S, _ = self.attend.shape
+        R, S = self.shape
         return x.new_zeros(R * S, x.shape[-1]).index_copy(0, self.slots, x).view(R, S, -1)
 
     def unpack(self, grid: Tensor) -> Tensor:
@@ -54,8 +73,10 @@ class TokenLayout:
     observed, `valid` (N,) those of all unpadded utterances, and `valid_position[m]` (N_m,) the
     place of each token of m inside `valid`. For the experts, the tokens of m fill `rows[m]` rows
     of L slots, each conversation's tokens contiguous and in order (see the module docstring for
-    the two packings); `slots[m]` (N_m,) is each token's slot r * L + j and `attend[m]`
-    (R_m, L, L) says which slots may attend to which (same conversation, real key).
+    the two packings); `slots[m]` (N_m,) is each token's slot r * L + j, `owner[m]` (R_m, L)
+    the conversation of each slot (-1: empty; which slots may attend to which follows from it,
+    `PackedRows.mask`) and `segments[m]` the token counts of the conversations where m is
+    observed, in order. Nothing here grows with L squared.
     """
 
     conversations: int  # B
@@ -65,7 +86,8 @@ class TokenLayout:
     valid_position: dict[str, Tensor]
     rows: dict[str, int]
     slots: dict[str, Tensor]
-    attend: dict[str, Tensor]
+    owner: dict[str, Tensor]
+    segments: dict[str, tuple[int, ...]]
     _stacked: dict[tuple[str, ...], PackedRows] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -81,7 +103,7 @@ class TokenLayout:
             raise ValueError(f"packing {packing!r}: use one of {', '.join(PACKINGS)}.")
         length = padding.shape[1]
         valid = (~padding).reshape(-1).nonzero().squeeze(1)
-        observed, rows, slots, attend = {}, {}, {}, {}
+        observed, rows, slots, owner, segments = {}, {}, {}, {}, {}
         packings: dict[tuple[int, ...], tuple[int, Tensor, Tensor]] = {}
         for i, m in enumerate(MODALITIES):
             present = available[..., i] & ~padding  # (B, L)
@@ -90,13 +112,15 @@ class TokenLayout:
             counts = tuple(per_conversation.tolist())
             if counts not in packings:  # fixed conditions: every modality packs alike
                 packings[counts] = _pack_rows(counts, length, shared=packing == "shared")
-            rows[m], start, attend[m] = packings[counts]
+            rows[m], start, owner[m] = packings[counts]
+            segments[m] = tuple(n for n in counts if n)
             conversation = observed[m] // length
             first = per_conversation.cumsum(0) - per_conversation  # (B,) first token of each
             rank = torch.arange(len(observed[m])) - first[conversation]  # place in its conversation
             slots[m] = start[conversation] + rank
         valid_position = {m: torch.searchsorted(valid, t) for m, t in observed.items()}
-        return cls(padding.shape[0], length, observed, valid, valid_position, rows, slots, attend)
+        return cls(padding.shape[0], length, observed, valid, valid_position, rows, slots, owner,
+                   segments)
 
     def to(self, device: torch.device) -> TokenLayout:
         """This layout on `device`; to a GPU through pinned memory, without waiting for it."""
@@ -106,7 +130,7 @@ class TokenLayout:
         moved = lambda d: {m: move(t) for m, t in d.items()}  # noqa: E731
         return TokenLayout(self.conversations, self.length, moved(self.observed), move(self.valid),
                            moved(self.valid_position), dict(self.rows), moved(self.slots),
-                           moved(self.attend))
+                           moved(self.owner), dict(self.segments))
 
     def count(self, m: str) -> int:
         return int(self.observed[m].shape[0])
@@ -128,7 +152,9 @@ class TokenLayout:
                 offsets.append(offsets[-1] + self.rows[m])
             slots = torch.cat([self.slots[m] + offsets[k] * self.length
                                for k, m in enumerate(modalities)])
-            self._stacked[key] = PackedRows(slots, torch.cat([self.attend[m] for m in modalities]))
+            self._stacked[key] = PackedRows(
+                slots, owner=torch.cat([self.owner[m] for m in modalities]),
+                segments=sum((self.segments[m] for m in modalities), ()))
         return self._stacked[key]
 
     def scatter(self, m: str, x: Tensor) -> Tensor:
@@ -142,7 +168,7 @@ def _pack_rows(counts: tuple[int, ...], capacity: int, *, shared: bool
                ) -> tuple[int, Tensor, Tensor]:
     """Place sequences of `counts` tokens in rows of `capacity` slots: `shared` first fit,
     longest first, else one row per non-empty sequence, in order. Returns (rows, first slot of
-    each sequence (B,), (rows, capacity, capacity) who may attend to whom)."""
+    each sequence (B,), (rows, capacity) the sequence of each slot, -1 where empty)."""
     start = [0] * len(counts)
     used: list[int] = []  # filled slots per row
     order = sorted(range(len(counts)), key=lambda i: -counts[i]) if shared else range(len(counts))
@@ -158,6 +184,4 @@ def _pack_rows(counts: tuple[int, ...], capacity: int, *, shared: bool
     owner = torch.full((len(used) * capacity,), -1, dtype=torch.long)  # conversation of each slot
     for i, n in enumerate(counts):
         owner[start[i]:start[i] + n] = i
-    owner = owner.view(len(used), capacity)
-    attend = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
-    return len(used), torch.tensor(start, dtype=torch.long), attend
+    return len(used), torch.tensor(start, dtype=torch.long), owner.view(len(used), capacity)

@@ -38,6 +38,21 @@ Features = Union[Tensor, Callable[[Tensor], Tensor]]  # (B, L, d), or flat posit
 # attention (tests/test_model.py holds them to the same outputs and gradients).
 PACKING = {"cpu": "shared", "cuda": "own"}
 
+# Rows longer than this attend one conversation at a time through torch's fused attention
+# kernel (`Attention._per_conversation`), whose memory grows linearly with the conversation
+# instead of with its square. On 2 CPU threads (attention alone, forward and backward, 2 heads of
+# 128) the fused kernel was 2-3.6x faster than the explicit softmax for one row of 3,000, and
+# 1.2-2.5x slower for the short rows of CMU-MOSI and IEMOCAP (32 x 24, 16 x 110), which therefore
+# keep the explicit path. The crossover between them: `python scripts/long_conversations.py
+# --attention` (docs/precision-and-speed.md, "Long conversations").
+LONG_ROW = 512
+
+
+def attends_per_conversation(rows: PackedRows) -> bool:
+    """Whether attention over `rows` runs one conversation at a time (rows longer than
+    `LONG_ROW`, whose conversations are known) rather than in the rows with explicit scores."""
+    return rows.shape[1] > LONG_ROW and bool(rows.segments)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -105,7 +120,8 @@ def _dropout(p: float, config: ModelConfig) -> nn.Dropout:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention within each row, masked, with no output projection (SPEC §4.2)."""
+    """Multi-head self-attention within each conversation, masked, with no output projection
+    (SPEC §4.2)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -116,11 +132,18 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
         """x (N, D) tokens -> z (N, D). Each token attends to the keys its row's mask allows
-        (`rows.attend`, (R, S, S) bool); z = 0 for a query with no valid key."""
-        attend, D = rows.attend, x.shape[-1]
+        (`rows.mask()`, (R, S, S) bool); z = 0 for a query with no valid key."""
+        qkv = self.qkv(x)  # (N, 3D)
+        if attends_per_conversation(rows):  # long rows: memory linear in their length
+            return self._per_conversation(qkv, rows)
+        return self._in_rows(qkv, rows)
+
+    def _in_rows(self, qkv: Tensor, rows: PackedRows) -> Tensor:
+        """softmax(q k^T / sqrt(D/H)) v in the packed rows, the (R, H, S, S) scores explicit."""
+        attend, D = rows.mask(), qkv.shape[-1] // 3
         R, S, _ = attend.shape
-        qkv = rows.pack(self.qkv(x)).view(R, S, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (R, H, S, D/H) each
+        q, k, v = rows.pack(qkv).view(R, S, 3, self.num_heads, D // self.num_heads).permute(
+            2, 0, 3, 1, 4)  # (R, H, S, D/H) each
         scores = (q @ k.transpose(-2, -1)).float() * self.scale  # (R, H, S, S)
         # The softmax runs in float32 under bf16 autocast too. A finite fill keeps rows without
         # a valid key finite; they are zeroed below.
@@ -128,6 +151,20 @@ class Attention(nn.Module):
         weights = self.attn_drop(scores.softmax(dim=-1)).to(v.dtype)
         z = (weights @ v).transpose(1, 2).reshape(R, S, D)  # heads concatenated
         return rows.unpack(z * attend.any(dim=-1, keepdim=True))
+
+    def _per_conversation(self, qkv: Tensor, rows: PackedRows) -> Tensor:
+        """The same attention, one conversation at a time through torch's fused kernel, which
+        never holds the scores (float32 accumulation under bf16 too). A conversation's tokens
+        are all valid keys of each other, so no mask is needed, and no query lacks a key.
+        Attention dropout is the kernel's own (same rate, another random stream; it makes the
+        kernel hold the scores of each conversation again: docs/precision-and-speed.md)."""
+        N, D = qkv.shape[0], qkv.shape[-1] // 3
+        q, k, v = qkv.view(N, 3, self.num_heads, D // self.num_heads).permute(1, 2, 0, 3)
+        p = self.attn_drop.p if self.training else 0.0
+        z = [F.scaled_dot_product_attention(qc[None], kc[None], vc[None], dropout_p=p,
+                                            scale=self.scale)[0]  # (H, n, D/H)
+             for qc, kc, vc in zip(*(t.split(rows.segments, dim=1) for t in (q, k, v)))]
+        return torch.cat(z, dim=1).transpose(0, 1).reshape(N, D)  # heads concatenated
 
 
 class ExpertLayer(nn.Module):

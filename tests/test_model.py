@@ -34,6 +34,15 @@ def _model(**overrides) -> MoMKE:
     return MoMKE(ModelConfig(**{**config, **overrides}))
 
 
+@pytest.fixture(params=["in rows", "per conversation"])
+def attention_path(request, monkeypatch) -> str:
+    """Both ways attention is computed: these rows are short, so the per-conversation path (for
+    long rows) is taken by lowering its threshold."""
+    if request.param == "per conversation":
+        monkeypatch.setattr("MoMKE.model.LONG_ROW", 0)
+    return request.param
+
+
 # ----------------------------------------------------------------------------- the literal SPEC
 
 def _linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +118,7 @@ def _compare(output, literal, available, padding, stage, **tolerance) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("stage", [1, 2])
-def test_forward_equals_the_literal_computation(stage, variant):
+def test_forward_equals_the_literal_computation(stage, variant, attention_path):
     model = _model(**variant).eval()
     features, available, padding = _inputs(1)
     output = model(features, TokenLayout.from_masks(available, padding), stage)
@@ -118,7 +127,7 @@ def test_forward_equals_the_literal_computation(stage, variant):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_shared_and_own_rows_give_the_same_outputs_and_gradients(stage):
+def test_shared_and_own_rows_give_the_same_outputs_and_gradients(stage, attention_path):
     """The CPU's packing (conversations share rows) and the GPU's (one padded row each)."""
     features, available, padding = _inputs(7)
     results = []
@@ -146,7 +155,7 @@ def test_a_layout_is_planned_from_host_masks_only():
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_modalities_with_very_unequal_token_counts_equal_the_literal_computation(stage):
+def test_modalities_with_very_unequal_token_counts_equal_the_literal_computation(stage, attention_path):
     model = _model().eval()
     features, available, padding = _inputs(3)
     available[..., 2] = False
@@ -158,7 +167,7 @@ def test_modalities_with_very_unequal_token_counts_equal_the_literal_computation
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("stage", [1, 2])
-def test_gradients_equal_the_literal_computation(stage, variant):
+def test_gradients_equal_the_literal_computation(stage, variant, attention_path):
     model = _model(**variant)  # training mode, no dropout: both paths are deterministic
     features, available, padding = _inputs(2)
     observed = available & ~padding[..., None]
@@ -208,6 +217,41 @@ def test_attention_gives_zeros_to_queries_without_valid_keys():
     z = attention(x, PackedRows(torch.arange(8), attend))
     assert torch.all(z[6] == 0) and torch.isfinite(z).all() and torch.all(z[5] != 0)
     z.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("attention_path", ["in rows", "per conversation"], indirect=True)
+def test_only_the_in_rows_path_builds_the_square_mask(attention_path):
+    model = _model().eval()
+    features, available, padding = _inputs(1)
+    layout = TokenLayout.from_masks(available, padding)
+    model(features, layout, 2)
+    built = [rows.attend is not None for rows in layout._stacked.values()]
+    assert built and all(built) == (attention_path == "in rows") and any(built) == all(built)
+
+
+def test_a_long_conversations_layout_grows_linearly():
+    length = 3000
+    padding = torch.zeros(1, length, dtype=torch.bool)
+    layout = TokenLayout.from_masks(torch.ones(1, length, 3, dtype=torch.bool), padding)
+    rows = layout.rows_for(list(MODALITIES))
+    tensors = [rows.slots, rows.owner, *layout.owner.values(), *layout.slots.values()]
+    assert max(t.numel() for t in tensors) <= 3 * length and rows.segments == (length,) * 3
+
+
+@pytest.mark.parametrize("attention_path", ["in rows", "per conversation"], indirect=True)
+def test_attention_dropout_drops_and_keeps_the_mean(attention_path):
+    torch.manual_seed(0)
+    attention = Attention(ModelConfig(input_dims=DIMS, num_outputs=1, hidden=8, num_heads=2,
+                                      attn_drop_rate=0.5))
+    x = torch.randn(6, 8, requires_grad=True)  # one conversation of six tokens in one row
+    rows = PackedRows(torch.arange(6), owner=torch.zeros(1, 6, dtype=torch.long), segments=(6,))
+    expected = attention.eval()(x, rows)
+    attention.train()
+    draws = torch.stack([attention(x, rows) for _ in range(2000)])
+    assert not torch.allclose(draws[0], expected) and not torch.allclose(draws[0], draws[1])
+    torch.testing.assert_close(draws.mean(dim=0), expected, atol=0.1, rtol=0.1)
+    draws.sum().backward()
     assert torch.isfinite(x.grad).all()
 
 
