@@ -14,6 +14,9 @@ per device):
             the first-fit search
 Both give the same attention (a test holds them to the same outputs and gradients).
 
+Rows longer than `LONG_ROW` get no (R, L, L) mask, which grows with L squared: their attention
+runs one conversation at a time (`PackedRows.segments`), and nothing here grows faster than L.
+
 Shapes: B conversations, L utterances (padded), M modalities, N unpadded utterances, N_m those
 where modality m is observed, R rows, S slots per row (S = L).
 """
@@ -27,37 +30,39 @@ from torch import Tensor
 MODALITIES = ("a", "t", "v")
 PACKINGS = ("shared", "own")
 
+# Rows longer than this attend one conversation at a time through torch's fused attention kernel
+# (MoMKE/model.py, `Attention._per_conversation`), whose memory grows linearly with the
+# conversation instead of with its square. On 2 CPU threads (attention alone, forward and backward,
+# 2 heads of 128) that kernel was 2-3.6x faster than the explicit softmax for one row of 3,000 and
+# 1.2-2.5x slower for the short rows of CMU-MOSI and IEMOCAP (32 x 24, 16 x 110), which therefore
+# keep the explicit path. Where the two cross: `python scripts/long_conversations.py --attention`
+# (docs/precision-and-speed.md, "Long conversations").
+LONG_ROW = 512
+
+
+def attends_per_conversation(length: int) -> bool:
+    """Whether rows of `length` slots attend one conversation at a time (no square mask)."""
+    return length > LONG_ROW
+
 
 @dataclass
 class PackedRows:
     """Tokens (N, D) laid out in R rows of S slots for attention: `slots` (N,) is each token's
-    slot r * S + j; `owner` (R, S) the conversation of each slot (-1: empty), from which `mask()`
-    builds `attend` (R, S, S) bool, who may attend to whom, the first time it is asked for: it
-    grows with S squared, so attention over long rows never builds it. `segments` are the token
-    counts of the conversations in token order (each conversation's tokens are contiguous).
-    Rows given by `attend` alone (no `owner`, no `segments`) work too."""
+    slot r * S + j, `attend` (R, S, S) bool who may attend to whom; for rows longer than
+    `LONG_ROW` no `attend`, and `segments` the token counts of the conversations in token order
+    (each conversation's tokens are contiguous): attention then runs per conversation."""
 
     slots: Tensor
-    attend: Tensor | None = None
-    owner: Tensor | None = None
+    attend: Tensor | None
     segments: tuple[int, ...] = ()
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """(R, S)."""
-        grid = self.owner if self.owner is not None else self.attend
-        return int(grid.shape[0]), int(grid.shape[1])
-
-    def mask(self) -> Tensor:
-        """`attend` (R, S, S): same conversation and a real key."""
-        if self.attend is None:
-            owner = self.owner
-            self.attend = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
-        return self.attend
+    def per_conversation(self) -> bool:
+        return self.attend is None
 
     def pack(self, x: Tensor) -> Tensor:
         """(N, d) -> (R, S, d), zero in empty slots."""
-        R, S = self.shape
+        R, S, _ = self.attend.shape
         return x.new_zeros(R * S, x.shape[-1]).index_copy(0, self.slots, x).view(R, S, -1)
 
     def unpack(self, grid: Tensor) -> Tensor:
@@ -73,10 +78,9 @@ class TokenLayout:
     observed, `valid` (N,) those of all unpadded utterances, and `valid_position[m]` (N_m,) the
     place of each token of m inside `valid`. For the experts, the tokens of m fill `rows[m]` rows
     of L slots, each conversation's tokens contiguous and in order (see the module docstring for
-    the two packings); `slots[m]` (N_m,) is each token's slot r * L + j, `owner[m]` (R_m, L)
-    the conversation of each slot (-1: empty; which slots may attend to which follows from it,
-    `PackedRows.mask`) and `segments[m]` the token counts of the conversations where m is
-    observed, in order. Nothing here grows with L squared.
+    the two packings); `slots[m]` (N_m,) is each token's slot r * L + j and `attend[m]`
+    (R_m, L, L) says which slots may attend to which (same conversation, real key), None where
+    L > `LONG_ROW`; `segments[m]` are the token counts of the conversations where m is observed.
     """
 
     conversations: int  # B
@@ -86,7 +90,7 @@ class TokenLayout:
     valid_position: dict[str, Tensor]
     rows: dict[str, int]
     slots: dict[str, Tensor]
-    owner: dict[str, Tensor]
+    attend: dict[str, Tensor | None]
     segments: dict[str, tuple[int, ...]]
     _stacked: dict[tuple[str, ...], PackedRows] = field(default_factory=dict, repr=False)
 
@@ -103,7 +107,7 @@ class TokenLayout:
             raise ValueError(f"packing {packing!r}: use one of {', '.join(PACKINGS)}.")
         length = padding.shape[1]
         valid = (~padding).reshape(-1).nonzero().squeeze(1)
-        observed, rows, slots, owner, segments = {}, {}, {}, {}, {}
+        observed, rows, slots, attend, segments = {}, {}, {}, {}, {}
         packings: dict[tuple[int, ...], tuple[int, Tensor, Tensor]] = {}
         for i, m in enumerate(MODALITIES):
             present = available[..., i] & ~padding  # (B, L)
@@ -111,15 +115,16 @@ class TokenLayout:
             per_conversation = present.sum(dim=1)  # (B,)
             counts = tuple(per_conversation.tolist())
             if counts not in packings:  # fixed conditions: every modality packs alike
-                packings[counts] = _pack_rows(counts, length, shared=packing == "shared")
-            rows[m], start, owner[m] = packings[counts]
+                packings[counts] = _pack_rows(counts, length, shared=packing == "shared",
+                                              mask=not attends_per_conversation(length))
+            rows[m], start, attend[m] = packings[counts]
             segments[m] = tuple(n for n in counts if n)
             conversation = observed[m] // length
             first = per_conversation.cumsum(0) - per_conversation  # (B,) first token of each
             rank = torch.arange(len(observed[m])) - first[conversation]  # place in its conversation
             slots[m] = start[conversation] + rank
         valid_position = {m: torch.searchsorted(valid, t) for m, t in observed.items()}
-        return cls(padding.shape[0], length, observed, valid, valid_position, rows, slots, owner,
+        return cls(padding.shape[0], length, observed, valid, valid_position, rows, slots, attend,
                    segments)
 
     def to(self, device: torch.device) -> TokenLayout:
@@ -127,10 +132,10 @@ class TokenLayout:
         if device.type == "cpu":
             return self
         move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
-        moved = lambda d: {m: move(t) for m, t in d.items()}  # noqa: E731
+        moved = lambda d: {m: None if t is None else move(t) for m, t in d.items()}  # noqa: E731
         return TokenLayout(self.conversations, self.length, moved(self.observed), move(self.valid),
                            moved(self.valid_position), dict(self.rows), moved(self.slots),
-                           moved(self.owner), dict(self.segments))
+                           moved(self.attend), dict(self.segments))
 
     def count(self, m: str) -> int:
         return int(self.observed[m].shape[0])
@@ -152,9 +157,10 @@ class TokenLayout:
                 offsets.append(offsets[-1] + self.rows[m])
             slots = torch.cat([self.slots[m] + offsets[k] * self.length
                                for k, m in enumerate(modalities)])
+            masks = [self.attend[m] for m in modalities]
             self._stacked[key] = PackedRows(
-                slots, owner=torch.cat([self.owner[m] for m in modalities]),
-                segments=sum((self.segments[m] for m in modalities), ()))
+                slots, None if masks[0] is None else torch.cat(masks),
+                sum((self.segments[m] for m in modalities), ()))
         return self._stacked[key]
 
     def scatter(self, m: str, x: Tensor) -> Tensor:
@@ -164,11 +170,12 @@ class TokenLayout:
             0, self.valid_position[m], x)
 
 
-def _pack_rows(counts: tuple[int, ...], capacity: int, *, shared: bool
-               ) -> tuple[int, Tensor, Tensor]:
+def _pack_rows(counts: tuple[int, ...], capacity: int, *, shared: bool, mask: bool
+               ) -> tuple[int, Tensor, Tensor | None]:
     """Place sequences of `counts` tokens in rows of `capacity` slots: `shared` first fit,
     longest first, else one row per non-empty sequence, in order. Returns (rows, first slot of
-    each sequence (B,), (rows, capacity) the sequence of each slot, -1 where empty)."""
+    each sequence (B,), (rows, capacity, capacity) who may attend to whom, or None without
+    `mask`)."""
     start = [0] * len(counts)
     used: list[int] = []  # filled slots per row
     order = sorted(range(len(counts)), key=lambda i: -counts[i]) if shared else range(len(counts))
@@ -184,4 +191,8 @@ def _pack_rows(counts: tuple[int, ...], capacity: int, *, shared: bool
     owner = torch.full((len(used) * capacity,), -1, dtype=torch.long)  # conversation of each slot
     for i, n in enumerate(counts):
         owner[start[i]:start[i] + n] = i
-    return len(used), torch.tensor(start, dtype=torch.long), owner.view(len(used), capacity)
+    owner = owner.view(len(used), capacity)
+    if not mask:  # attention per conversation: no square mask
+        return len(used), torch.tensor(start, dtype=torch.long), None
+    attend = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
+    return len(used), torch.tensor(start, dtype=torch.long), attend

@@ -16,7 +16,9 @@ real tokens: each modality's tokens are gathered from the (B, L) batch, and for 
 are laid out in rows of L slots with an attention mask that keeps every conversation to itself
 (`TokenLayout` in MoMKE/layout.py, the one place that knows where tokens sit; it is computed on the
 host where the batch is assembled). An expert takes its tokens (N, D); only its attention lays
-them out in those rows (`PackedRows`), so every linear layer computes real tokens only.
+them out in those rows (`PackedRows`), so every linear layer computes real tokens only. Rows
+longer than `LONG_ROW` (long conversations) have no such mask, which grows with L squared: their
+attention runs one conversation at a time, in memory linear in L (`Attention._per_conversation`).
 """
 from __future__ import annotations
 
@@ -37,21 +39,6 @@ Features = Union[Tensor, Callable[[Tensor], Tensor]]  # (B, L, d), or flat posit
 # arithmetic to spare, and the layout needs no first-fit search on the host. Both compute the same
 # attention (tests/test_model.py holds them to the same outputs and gradients).
 PACKING = {"cpu": "shared", "cuda": "own"}
-
-# Rows longer than this attend one conversation at a time through torch's fused attention
-# kernel (`Attention._per_conversation`), whose memory grows linearly with the conversation
-# instead of with its square. On 2 CPU threads (attention alone, forward and backward, 2 heads of
-# 128) the fused kernel was 2-3.6x faster than the explicit softmax for one row of 3,000, and
-# 1.2-2.5x slower for the short rows of CMU-MOSI and IEMOCAP (32 x 24, 16 x 110), which therefore
-# keep the explicit path. The crossover between them: `python scripts/long_conversations.py
-# --attention` (docs/precision-and-speed.md, "Long conversations").
-LONG_ROW = 512
-
-
-def attends_per_conversation(rows: PackedRows) -> bool:
-    """Whether attention over `rows` runs one conversation at a time (rows longer than
-    `LONG_ROW`, whose conversations are known) rather than in the rows with explicit scores."""
-    return rows.shape[1] > LONG_ROW and bool(rows.segments)
 
 
 @dataclass(frozen=True)
@@ -132,15 +119,15 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
         """x (N, D) tokens -> z (N, D). Each token attends to the keys its row's mask allows
-        (`rows.mask()`, (R, S, S) bool); z = 0 for a query with no valid key."""
+        (`rows.attend`, (R, S, S) bool); z = 0 for a query with no valid key."""
         qkv = self.qkv(x)  # (N, 3D)
-        if attends_per_conversation(rows):  # long rows: memory linear in their length
+        if rows.per_conversation:  # rows longer than LONG_ROW (MoMKE/layout.py): no square mask
             return self._per_conversation(qkv, rows)
         return self._in_rows(qkv, rows)
 
     def _in_rows(self, qkv: Tensor, rows: PackedRows) -> Tensor:
         """softmax(q k^T / sqrt(D/H)) v in the packed rows, the (R, H, S, S) scores explicit."""
-        attend, D = rows.mask(), qkv.shape[-1] // 3
+        attend, D = rows.attend, qkv.shape[-1] // 3
         R, S, _ = attend.shape
         q, k, v = rows.pack(qkv).view(R, S, 3, self.num_heads, D // self.num_heads).permute(
             2, 0, 3, 1, 4)  # (R, H, S, D/H) each
@@ -152,6 +139,7 @@ class Attention(nn.Module):
         z = (weights @ v).transpose(1, 2).reshape(R, S, D)  # heads concatenated
         return rows.unpack(z * attend.any(dim=-1, keepdim=True))
 
+    @torch.compiler.disable  # eager under --compile: conversation sizes change every batch
     def _per_conversation(self, qkv: Tensor, rows: PackedRows) -> Tensor:
         """The same attention, one conversation at a time through torch's fused kernel, which
         never holds the scores (float32 accumulation under bf16 too). A conversation's tokens

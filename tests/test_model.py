@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from MoMKE.layout import PackedRows, TokenLayout
+from MoMKE.layout import LONG_ROW, PackedRows, TokenLayout
 from MoMKE.model import MODALITIES, Attention, BitDropout, ModelConfig, MoMKE
 
 B, L = 5, 7
@@ -39,7 +39,7 @@ def attention_path(request, monkeypatch) -> str:
     """Both ways attention is computed: these rows are short, so the per-conversation path (for
     long rows) is taken by lowering its threshold."""
     if request.param == "per conversation":
-        monkeypatch.setattr("MoMKE.model.LONG_ROW", 0)
+        monkeypatch.setattr("MoMKE.layout.LONG_ROW", 0)
     return request.param
 
 
@@ -155,7 +155,8 @@ def test_a_layout_is_planned_from_host_masks_only():
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_modalities_with_very_unequal_token_counts_equal_the_literal_computation(stage, attention_path):
+def test_modalities_with_very_unequal_token_counts_equal_the_literal_computation(stage,
+                                                                               attention_path):
     model = _model().eval()
     features, available, padding = _inputs(3)
     available[..., 2] = False
@@ -221,22 +222,24 @@ def test_attention_gives_zeros_to_queries_without_valid_keys():
 
 
 @pytest.mark.parametrize("attention_path", ["in rows", "per conversation"], indirect=True)
-def test_only_the_in_rows_path_builds_the_square_mask(attention_path):
-    model = _model().eval()
+def test_only_rows_attended_in_place_have_a_square_mask(attention_path):
     features, available, padding = _inputs(1)
     layout = TokenLayout.from_masks(available, padding)
-    model(features, layout, 2)
-    built = [rows.attend is not None for rows in layout._stacked.values()]
-    assert built and all(built) == (attention_path == "in rows") and any(built) == all(built)
+    rows = layout.rows_for(list(MODALITIES))
+    assert rows.per_conversation == (attention_path == "per conversation")
+    assert all((mask is None) == rows.per_conversation for mask in layout.attend.values())
+    assert sum(rows.segments) == len(rows.slots) and 0 not in rows.segments
 
 
 def test_a_long_conversations_layout_grows_linearly():
-    length = 3000
-    padding = torch.zeros(1, length, dtype=torch.bool)
-    layout = TokenLayout.from_masks(torch.ones(1, length, 3, dtype=torch.bool), padding)
+    length = LONG_ROW + 1
+    padding = torch.zeros(2, length, dtype=torch.bool)
+    padding[1, 10:] = True  # with a short conversation beside it
+    layout = TokenLayout.from_masks(torch.ones(2, length, 3, dtype=torch.bool), padding, "own")
     rows = layout.rows_for(list(MODALITIES))
-    tensors = [rows.slots, rows.owner, *layout.owner.values(), *layout.slots.values()]
-    assert max(t.numel() for t in tensors) <= 3 * length and rows.segments == (length,) * 3
+    assert rows.per_conversation and rows.segments == (length, 10) * 3
+    kept = [t for d in (layout.observed, layout.slots, layout.valid_position) for t in d.values()]
+    assert max(t.numel() for t in kept) <= length + 10
 
 
 @pytest.mark.parametrize("attention_path", ["in rows", "per conversation"], indirect=True)
@@ -245,7 +248,8 @@ def test_attention_dropout_drops_and_keeps_the_mean(attention_path):
     attention = Attention(ModelConfig(input_dims=DIMS, num_outputs=1, hidden=8, num_heads=2,
                                       attn_drop_rate=0.5))
     x = torch.randn(6, 8, requires_grad=True)  # one conversation of six tokens in one row
-    rows = PackedRows(torch.arange(6), owner=torch.zeros(1, 6, dtype=torch.long), segments=(6,))
+    rows = TokenLayout.from_masks(torch.ones(1, 6, 3, dtype=torch.bool),
+                                  torch.zeros(1, 6, dtype=torch.bool)).rows_for(["a"])
     expected = attention.eval()(x, rows)
     attention.train()
     draws = torch.stack([attention(x, rows) for _ in range(2000)])
