@@ -3,7 +3,7 @@
 A training step holds, for backward, every expert layer's activations of every token it computes.
 In stage 2 (the larger) each of the E experts runs over the tokens of all M modalities, so a chunk
 of U utterances holds about E * M * U * depth token-layers: linear in U. Attention adds one term
-that is not linear: rows no longer than `LONG_ROW` (MoMKE/model.py) hold their (rows, H, S, S)
+that is not linear: rows no longer than `LONG_ROW` (MoMKE/layout.py) hold their (rows, H, S, S)
 scores, and so does the fused per-conversation kernel when attention dropout is on (its dropout
 runs on torch's explicit kernel). The estimate is float32 (with `--amp` a run needs less) and for
 complete data (missing modalities only lower it). docs/precision-and-speed.md, "Long
@@ -19,7 +19,7 @@ import torch
 
 from dataloader.gcnet import MultimodalDataset
 from MoMKE.config import TrainConfig
-from MoMKE.model import LONG_ROW, MODALITIES
+from MoMKE.layout import MODALITIES, attends_per_conversation
 from MoMKE.trainer import largest_chunk
 
 FLOAT = 4  # bytes
@@ -32,9 +32,10 @@ PER_LAYER_HIDDEN, PER_LAYER_INNER = 12, 4
 # outputs, fusion and head (their inputs add the feature sizes).
 PER_TOKEN_HIDDEN = 40
 # Bytes an explicit attention layer keeps per score (softmax output, dropout output and mask,
-# with slack) and what one layer's scores and their gradients take while it runs: covers the peak
-# measured at 500 utterances, hidden 64, where scores are most of it.
-PER_SCORE_KEPT, PER_SCORE_TRANSIENT = 12, 24
+# with slack) and what one layer's scores and their gradients take while it runs: covers the
+# peaks measured where scores are most of it, one conversation of 500 utterances at hidden 64
+# and of 1,000 on the explicit path at hidden 16 (1.17 GB over the process's start).
+PER_SCORE_KEPT, PER_SCORE_TRANSIENT = 14, 24
 # Allocator slack and first-call buffers: what a step of 200 utterances at hidden 16 adds beyond
 # its tensors (measured: 60 MB).
 WORKSPACE = 64 * 2**20
@@ -57,7 +58,7 @@ def chunk_peak_bytes(chunk: Sequence[int], config: TrainConfig,
     layers = E * config.depth  # every expert's layers, each over the tokens of M modalities
     per_token = (layers * M * (PER_LAYER_HIDDEN * hidden + PER_LAYER_INNER * inner)
                  + PER_TOKEN_HIDDEN * hidden + sum(dims.values())) * FLOAT
-    if longest <= LONG_ROW:  # explicit scores; at most one row per conversation and modality
+    if not attends_per_conversation(longest):  # explicit scores, a row per conversation at most
         scores = M * len(chunk) * heads * longest ** 2
     elif config.attn_drop_rate > 0:  # the kernel's dropout holds each conversation's scores
         scores = M * heads * sum(n ** 2 for n in chunk)
@@ -97,7 +98,7 @@ def check_fits(config: TrainConfig, chunk: Sequence[int], dims: Mapping[str, int
     if need <= USABLE_SHARE * free:
         return
     flags = ["--chunk-utterances"] if len(chunk) > 1 else []
-    if config.attn_drop_rate and max(chunk) > LONG_ROW:
+    if config.attn_drop_rate and attends_per_conversation(max(chunk)):
         flags.append("--attn-drop-rate (to 0)")
     flags = ", ".join(flags + ["--hidden"]) + " or --depth"
     raise TooLarge(

@@ -7,7 +7,7 @@ import torch
 
 from MoMKE import memory
 from MoMKE.config import TrainConfig
-from MoMKE.model import LONG_ROW
+from MoMKE.layout import LONG_ROW
 from MoMKE.trainer import largest_chunk
 from MoMKE.train import main
 
