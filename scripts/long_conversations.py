@@ -11,7 +11,7 @@ long-conversation change (commit 8e89c9c) has too, so the same script measures b
 
 `--attention` times attention alone (forward and backward, 2 heads of 128) on the explicit path
 and on the per-conversation fused path, for rows like CMU-MOSI's and IEMOCAP's and longer ones:
-what `LONG_ROW` (MoMKE/model.py) is set from. Timings mean something only on an idle machine.
+what `LONG_ROW` (MoMKE/layout.py) is set from. Timings mean something only on an idle machine.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROWS = [(32, 24), (16, 110), (8, 256), (4, 512), (2, 1024), (1, 3000)]  # (rows, utterances)
+ROWS = "32x24,16x110,8x256,4x512,2x1024,1x3000"  # rows x utterances: MOSI, IEMOCAP, longer
 
 
 def _rss_mb() -> float:
@@ -78,9 +78,9 @@ def one(utterances: int, args: argparse.Namespace) -> dict:
 
 
 def sizes_table(args: argparse.Namespace) -> None:
-    print(f"code: {args.code}; one conversation, hidden {args.hidden}, depth {args.depth}, {args.heads} heads, "
-          f"dims {args.dims}, {args.threads} threads, one stage-1 and one stage-2 epoch "
-          f"(torch {torch.__version__}, {os.cpu_count()} cores)")
+    print(f"code: {args.code}; one conversation, hidden {args.hidden}, depth {args.depth}, "
+          f"{args.heads} heads, dims {args.dims}, {args.threads} threads, one stage-1 and one "
+          f"stage-2 epoch (torch {torch.__version__}, {os.cpu_count()} cores)")
     print("| utterances | peak RSS MB | over start MB | estimate MB | stage-1 epoch s "
           "| stage-2 epoch s |")
     print("|---:|---:|---:|---:|---:|---:|")
@@ -96,28 +96,28 @@ def sizes_table(args: argparse.Namespace) -> None:
               f"| {f['epoch_s'][0]:.2f} | {f['epoch_s'][1]:.2f} |", flush=True)
 
 
-def attention_table(args: argparse.Namespace, repeats: int = 5) -> None:
+def attention_table(args: argparse.Namespace) -> None:
     """Median seconds of forward and backward of one attention layer, both paths."""
-    import MoMKE.model as model
-    from MoMKE.layout import TokenLayout
+    import MoMKE.layout as layout
+    from MoMKE.model import Attention, ModelConfig
 
     torch.set_num_threads(args.threads)
-    attention = model.Attention(model.ModelConfig(input_dims=(1, 1, 1), num_outputs=1,
-                                                  hidden=256, num_heads=2))
+    attention = Attention(ModelConfig(input_dims=(1, 1, 1), num_outputs=1, hidden=256,
+                                      num_heads=2))
     print(f"attention alone, 2 heads of 128, forward + backward, {args.threads} threads, "
-          f"median of {repeats}")
+          f"median of {args.repeats}")
     print("| rows x utterances | explicit s | per conversation s | explicit / fused |")
     print("|---|---:|---:|---:|")
-    for rows, length in ROWS:
-        padding = torch.zeros(rows, length, dtype=torch.bool)
-        layout = TokenLayout.from_masks(torch.ones(rows, length, 3, dtype=torch.bool), padding)
-        packed = layout.rows_for(["a"])
+    for rows, length in (map(int, case.split("x")) for case in args.rows.split(",")):
         x = torch.randn(rows * length, 256, requires_grad=True)
         seconds = {}
         for path, threshold in (("explicit", 10**9), ("fused", 0)):
-            model.LONG_ROW = threshold
+            layout.LONG_ROW = threshold
+            packed = layout.TokenLayout.from_masks(torch.ones(rows, length, 3, dtype=torch.bool),
+                                                   torch.zeros(rows, length, dtype=torch.bool)
+                                                   ).rows_for(["a"])
             times = []
-            for _ in range(repeats + 1):  # the first warms up
+            for _ in range(args.repeats + 1):  # the first warms up
                 started = time.perf_counter()
                 attention(x, packed).sum().backward()
                 times.append(time.perf_counter() - started)
@@ -136,6 +136,9 @@ def main() -> int:
     parser.add_argument("--attn-drop-rate", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attention", action="store_true", help="time attention alone")
+    parser.add_argument("--rows", default=ROWS, help="with --attention: rows x utterances, "
+                        "comma list")
+    parser.add_argument("--repeats", type=int, default=5, help="with --attention")
     parser.add_argument("--code", default=str(Path(__file__).resolve().parents[1]),
                         help="the checkout whose code is measured (default: this script's)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one size, this process
