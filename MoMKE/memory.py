@@ -25,8 +25,9 @@ from MoMKE.trainer import largest_chunk
 FLOAT = 4  # bytes
 # Float32 values an expert layer keeps per token for backward, as multiples of the hidden size D
 # and of the MLP width: q, k, v, attention output, its residual sums and the MLP's output, then
-# the MLP's inner activations; counted from the layer's operations, then raised until the
-# estimate covered the peak measured by `scripts/long_conversations.py` at 200-1,000 utterances.
+# the MLP's inner activations; counted from the layer's operations, with slack. With the terms
+# below the estimate covered every peak `scripts/long_conversations.py` measured on the fused path
+# (one conversation of 600-1,000 utterances, hidden 16-128).
 PER_LAYER_HIDDEN, PER_LAYER_INNER = 12, 4
 # Per token outside the experts, as multiples of D: projections, routers, the stacked expert
 # outputs, fusion and head (their inputs add the feature sizes).
@@ -104,7 +105,7 @@ def check_fits(config: TrainConfig, chunk: Sequence[int], dims: Mapping[str, int
     raise TooLarge(
         f"{config.dataset}: one training step on the largest chunk ({len(chunk)} conversation"
         f"{'s' if len(chunk) > 1 else ''}, {sum(chunk):,} utterances, the longest {max(chunk):,}) "
-        f"needs about {need / 2**30:.1f} GiB and {device.type} has {free / 2**30:.1f} GiB free; "
+        f"needs about {need / 2**30:,.1f} GiB and {device.type} has {free / 2**30:,.1f} GiB free; "
         f"lower {flags} (now --hidden {config.hidden}, --depth {config.depth}"
         f"{f', --chunk-utterances {config.chunk_utterances}' if len(chunk) > 1 else ''}"
         f"{f', --attn-drop-rate {config.attn_drop_rate:g}' if config.attn_drop_rate else ''}), "
