@@ -14,6 +14,9 @@ per device):
             the first-fit search
 Both give the same attention (a test holds them to the same outputs and gradients).
 
+Rows longer than `LONG_ROW` get no (R, L, L) mask, which grows with L squared: their attention
+runs one conversation at a time (`PackedRows.segments`), and nothing here grows faster than L.
+
 Shapes: B conversations, L utterances (padded), M modalities, N unpadded utterances, N_m those
 where modality m is observed, R rows, S slots per row (S = L).
 """
@@ -27,14 +30,35 @@ from torch import Tensor
 MODALITIES = ("a", "t", "v")
 PACKINGS = ("shared", "own")
 
+# Rows longer than this attend one conversation at a time through torch's fused attention kernel
+# (MoMKE/model.py, `Attention._per_conversation`), whose memory grows linearly with the
+# conversation instead of with its square. On 2 CPU threads (attention alone, forward and backward,
+# 2 heads of 128) that kernel was 2-3.6x faster than the explicit softmax for one row of 3,000 and
+# 1.2-2.5x slower for the short rows of CMU-MOSI and IEMOCAP (32 x 24, 16 x 110), which therefore
+# keep the explicit path. Where the two cross: `python scripts/long_conversations.py --attention`
+# (docs/precision-and-speed.md, "Long conversations").
+LONG_ROW = 512
+
+
+def attends_per_conversation(length: int) -> bool:
+    """Whether rows of `length` slots attend one conversation at a time (no square mask)."""
+    return length > LONG_ROW
+
 
 @dataclass
 class PackedRows:
     """Tokens (N, D) laid out in R rows of S slots for attention: `slots` (N,) is each token's
-    slot r * S + j, `attend` (R, S, S) bool who may attend to whom."""
+    slot r * S + j, `attend` (R, S, S) bool who may attend to whom; for rows longer than
+    `LONG_ROW` no `attend`, and `segments` the token counts of the conversations in token order
+    (each conversation's tokens are contiguous): attention then runs per conversation."""
 
     slots: Tensor
-    attend: Tensor
+    attend: Tensor | None
+    segments: tuple[int, ...] = ()
+
+    @property
+    def per_conversation(self) -> bool:
+        return self.attend is None
 
     def pack(self, x: Tensor) -> Tensor:
         """(N, d) -> (R, S, d), zero in empty slots."""
@@ -55,7 +79,8 @@ class TokenLayout:
     place of each token of m inside `valid`. For the experts, the tokens of m fill `rows[m]` rows
     of L slots, each conversation's tokens contiguous and in order (see the module docstring for
     the two packings); `slots[m]` (N_m,) is each token's slot r * L + j and `attend[m]`
-    (R_m, L, L) says which slots may attend to which (same conversation, real key).
+    (R_m, L, L) says which slots may attend to which (same conversation, real key), None where
+    L > `LONG_ROW`; `segments[m]` are the token counts of the conversations where m is observed.
     """
 
     conversations: int  # B
@@ -65,9 +90,8 @@ class TokenLayout:
     valid_position: dict[str, Tensor]
     rows: dict[str, int]
     slots: dict[str, Tensor]
-    attend: dict[str, Tensor]
-    # host ints, never moved: the tokens of m per conversation, for counting without the device
-    per_conversation: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    attend: dict[str, Tensor | None]
+    segments: dict[str, tuple[int, ...]] = field(default_factory=dict)
     _stacked: dict[tuple[str, ...], PackedRows] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -83,33 +107,35 @@ class TokenLayout:
             raise ValueError(f"packing {packing!r}: use one of {', '.join(PACKINGS)}.")
         length = padding.shape[1]
         valid = (~padding).reshape(-1).nonzero().squeeze(1)
-        observed, rows, slots, attend, counted = {}, {}, {}, {}, {}
+        observed, rows, slots, attend, segments = {}, {}, {}, {}, {}
         packings: dict[tuple[int, ...], tuple[int, Tensor, Tensor]] = {}
         for i, m in enumerate(MODALITIES):
             present = available[..., i] & ~padding  # (B, L)
             observed[m] = present.reshape(-1).nonzero().squeeze(1)
             per_conversation = present.sum(dim=1)  # (B,)
-            counts = counted[m] = tuple(per_conversation.tolist())
+            counts = tuple(per_conversation.tolist())
             if counts not in packings:  # fixed conditions: every modality packs alike
-                packings[counts] = _pack_rows(counts, length, shared=packing == "shared")
+                packings[counts] = _pack_rows(counts, length, shared=packing == "shared",
+                                              mask=not attends_per_conversation(length))
             rows[m], start, attend[m] = packings[counts]
+            segments[m] = tuple(n for n in counts if n)
             conversation = observed[m] // length
             first = per_conversation.cumsum(0) - per_conversation  # (B,) first token of each
             rank = torch.arange(len(observed[m])) - first[conversation]  # place in its conversation
             slots[m] = start[conversation] + rank
         valid_position = {m: torch.searchsorted(valid, t) for m, t in observed.items()}
         return cls(padding.shape[0], length, observed, valid, valid_position, rows, slots, attend,
-                   counted)
+                   segments)
 
     def to(self, device: torch.device) -> TokenLayout:
         """This layout on `device`; to a GPU through pinned memory, without waiting for it."""
         if device.type == "cpu":
             return self
         move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
-        moved = lambda d: {m: move(t) for m, t in d.items()}  # noqa: E731
+        moved = lambda d: {m: None if t is None else move(t) for m, t in d.items()}  # noqa: E731
         return TokenLayout(self.conversations, self.length, moved(self.observed), move(self.valid),
                            moved(self.valid_position), dict(self.rows), moved(self.slots),
-                           moved(self.attend), self.per_conversation)
+                           moved(self.attend), dict(self.segments))
 
     def count(self, m: str) -> int:
         return int(self.observed[m].shape[0])
@@ -131,7 +157,10 @@ class TokenLayout:
                 offsets.append(offsets[-1] + self.rows[m])
             slots = torch.cat([self.slots[m] + offsets[k] * self.length
                                for k, m in enumerate(modalities)])
-            self._stacked[key] = PackedRows(slots, torch.cat([self.attend[m] for m in modalities]))
+            masks = [self.attend[m] for m in modalities]
+            self._stacked[key] = PackedRows(
+                slots, None if masks[0] is None else torch.cat(masks),
+                sum((self.segments[m] for m in modalities), ()))
         return self._stacked[key]
 
     def scatter(self, m: str, x: Tensor) -> Tensor:
@@ -141,11 +170,12 @@ class TokenLayout:
             0, self.valid_position[m], x)
 
 
-def _pack_rows(counts: tuple[int, ...], capacity: int, *, shared: bool
-               ) -> tuple[int, Tensor, Tensor]:
+def _pack_rows(counts: tuple[int, ...], capacity: int, *, shared: bool, mask: bool
+               ) -> tuple[int, Tensor, Tensor | None]:
     """Place sequences of `counts` tokens in rows of `capacity` slots: `shared` first fit,
     longest first, else one row per non-empty sequence, in order. Returns (rows, first slot of
-    each sequence (B,), (rows, capacity, capacity) who may attend to whom)."""
+    each sequence (B,), (rows, capacity, capacity) who may attend to whom, or None without
+    `mask`)."""
     start = [0] * len(counts)
     used: list[int] = []  # filled slots per row
     order = sorted(range(len(counts)), key=lambda i: -counts[i]) if shared else range(len(counts))
@@ -162,5 +192,7 @@ def _pack_rows(counts: tuple[int, ...], capacity: int, *, shared: bool
     for i, n in enumerate(counts):
         owner[start[i]:start[i] + n] = i
     owner = owner.view(len(used), capacity)
+    if not mask:  # attention per conversation: no square mask
+        return len(used), torch.tensor(start, dtype=torch.long), None
     attend = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] >= 0)
     return len(used), torch.tensor(start, dtype=torch.long), attend

@@ -16,7 +16,9 @@ real tokens: each modality's tokens are gathered from the (B, L) batch, and for 
 are laid out in rows of L slots with an attention mask that keeps every conversation to itself
 (`TokenLayout` in MoMKE/layout.py, the one place that knows where tokens sit; it is computed on the
 host where the batch is assembled). An expert takes its tokens (N, D); only its attention lays
-them out in those rows (`PackedRows`), so every linear layer computes real tokens only.
+them out in those rows (`PackedRows`), so every linear layer computes real tokens only. Rows
+longer than `LONG_ROW` (long conversations) have no such mask, which grows with L squared: their
+attention runs one conversation at a time, in memory linear in L (`Attention._per_conversation`).
 """
 from __future__ import annotations
 
@@ -106,7 +108,8 @@ def _dropout(p: float, config: ModelConfig) -> nn.Dropout:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention within each row, masked, with no output projection (SPEC §4.2)."""
+    """Multi-head self-attention within each conversation, masked, with no output projection
+    (SPEC §4.2)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -118,10 +121,17 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
         """x (N, D) tokens -> z (N, D). Each token attends to the keys its row's mask allows
         (`rows.attend`, (R, S, S) bool); z = 0 for a query with no valid key."""
-        attend, D = rows.attend, x.shape[-1]
+        qkv = self.qkv(x)  # (N, 3D)
+        if rows.per_conversation:  # rows longer than LONG_ROW (MoMKE/layout.py): no square mask
+            return self._per_conversation(qkv, rows)
+        return self._in_rows(qkv, rows)
+
+    def _in_rows(self, qkv: Tensor, rows: PackedRows) -> Tensor:
+        """softmax(q k^T / sqrt(D/H)) v in the packed rows, the (R, H, S, S) scores explicit."""
+        attend, D = rows.attend, qkv.shape[-1] // 3
         R, S, _ = attend.shape
-        qkv = rows.pack(self.qkv(x)).view(R, S, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (R, H, S, D/H) each
+        q, k, v = rows.pack(qkv).view(R, S, 3, self.num_heads, D // self.num_heads).permute(
+            2, 0, 3, 1, 4)  # (R, H, S, D/H) each
         scores = (q @ k.transpose(-2, -1)).float() * self.scale  # (R, H, S, S)
         # The softmax runs in float32 under bf16 autocast too. A finite fill keeps rows without
         # a valid key finite; they are zeroed below.
@@ -129,6 +139,21 @@ class Attention(nn.Module):
         weights = self.attn_drop(scores.softmax(dim=-1)).to(v.dtype)
         z = (weights @ v).transpose(1, 2).reshape(R, S, D)  # heads concatenated
         return rows.unpack(z * attend.any(dim=-1, keepdim=True))
+
+    @torch.compiler.disable  # eager under --compile: conversation sizes change every batch
+    def _per_conversation(self, qkv: Tensor, rows: PackedRows) -> Tensor:
+        """The same attention, one conversation at a time through torch's fused kernel, which
+        never holds the scores (float32 accumulation under bf16 too). A conversation's tokens
+        are all valid keys of each other, so no mask is needed, and no query lacks a key.
+        Attention dropout is the kernel's own (same rate, another random stream; it makes the
+        kernel hold the scores of each conversation again: docs/precision-and-speed.md)."""
+        N, D = qkv.shape[0], qkv.shape[-1] // 3
+        q, k, v = qkv.view(N, 3, self.num_heads, D // self.num_heads).permute(1, 2, 0, 3)
+        p = self.attn_drop.p if self.training else 0.0
+        z = [F.scaled_dot_product_attention(qc[None], kc[None], vc[None], dropout_p=p,
+                                            scale=self.scale)[0]  # (H, n, D/H)
+             for qc, kc, vc in zip(*(t.split(rows.segments, dim=1) for t in (q, k, v)))]
+        return torch.cat(z, dim=1).transpose(0, 1).reshape(N, D)  # heads concatenated
 
 
 class ExpertLayer(nn.Module):

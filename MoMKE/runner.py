@@ -24,6 +24,7 @@ from dataloader.gcnet import MultimodalDataset, read_marker
 from MoMKE import stage1_cache
 from MoMKE.checkpoint import checkpoint_payload
 from MoMKE.config import TrainConfig, variant_name
+from MoMKE.memory import TooLarge, check_run_fits
 from MoMKE.protocols import CONDITIONS, MissingSetting
 from MoMKE.runlog import (VARIANT_FIELDS, RunFolder, RunLock, RunLocked, epoch_line,
                           experiment_hash, identity_hash, log_result, note_attempt_log,
@@ -111,6 +112,7 @@ def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
     # lock it is looked at again, as another process may have completed it meanwhile.
     if (done := _complete(config, folder, identity)) is not None:
         return done
+    check_run_fits(config, data, device)  # before anything is trained or written
     with RunLock(folder.path):
         if (done := _complete(config, folder, identity)) is not None:
             return done
@@ -154,6 +156,7 @@ def train_stage1(config: TrainConfig, data: MultimodalDataset, setting: MissingS
     """Train (or find cached) the stage 1 of every fold of `setting` without running stage 2:
     what a distributed sweep runs once before the runs that reuse it."""
     config = as_run_on(config, device)
+    check_run_fits(config, data, device)
     with torch_threads(config.threads):
         for fold in [k - 1 for k in config.folds] if config.folds else range(len(data.folds)):
             FoldTrainer(config, data, fold, setting, device, BatchBuilder(data, device)).stage1(
@@ -290,4 +293,4 @@ def _data_header(data: MultimodalDataset) -> str:
 
 # A run's failures that are one sentence for the user (no traceback): what went wrong and what
 # to do (a full disk and a read-only output are CannotWrite). Executors list them and go on.
-STATED_FAILURES = (Diverged, RunLocked, CannotWrite)
+STATED_FAILURES = (Diverged, RunLocked, CannotWrite, TooLarge)

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -256,11 +256,9 @@ class FoldTrainer:
         """One stage-2 training step on the largest chunk of the longest training conversations,
         complete data: what a run's peak memory is measured by before several runs share a GPU
         (`MoMKE/experiments/pool.py`)."""
-        lengths = self.builder.lengths
-        conversations = sorted(self.splits["train"], key=lambda c: -int(lengths[c]))
-        conversations = conversations[:self.config.batch_size]
-        first, last = _chunks(lengths[conversations].tolist(), self.config.chunk_utterances)[0]
-        conversations = conversations[first:last]  # the largest chunk a run computes at once
+        train, lengths = self.splits["train"], self.builder.lengths
+        conversations = [train[i] for i in largest_chunk(
+            lengths[train].tolist(), self.config.batch_size, self.config.chunk_utterances)]
         utterances = int(lengths[conversations].sum())
         available = torch.ones(utterances, len(MODALITIES), dtype=torch.bool)
         self.model.train()
@@ -337,3 +335,11 @@ def _chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
         total += n
     ranges.append((first, len(lengths)))
     return ranges
+
+
+def largest_chunk(lengths: Sequence[int], batch_size: int, budget: int) -> list[int]:
+    """Positions in `lengths` of the largest chunk a run computes at once: the first chunk of a
+    batch of the longest conversations (one longer than `budget` is a chunk alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:batch_size]
+    first, last = _chunks([lengths[i] for i in order], budget)[0]
+    return order[first:last]

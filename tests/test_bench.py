@@ -136,7 +136,8 @@ def test_flops_from_the_host_counts_equal_the_device_count():
     available = torch.rand(3, 5, 3) < 0.6
     padding = torch.arange(5)[None, :] >= torch.tensor([5, 2, 4])[:, None]
     layout = TokenLayout.from_masks(available, padding)
-    assert layout.per_conversation["a"] == tuple((available[..., 0] & ~padding).sum(1).tolist())
+    counts = (available[..., 0] & ~padding).sum(1).tolist()
+    assert layout.segments["a"] == tuple(n for n in counts if n)
     without = TokenLayout(*[getattr(layout, f) for f in (
         "conversations", "length", "observed", "valid", "valid_position", "rows", "slots",
         "attend")])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from MoMKE.layout import PackedRows, TokenLayout
+from MoMKE.layout import LONG_ROW, PackedRows, TokenLayout
 from MoMKE.model import MODALITIES, Attention, BitDropout, ModelConfig, MoMKE
 
 B, L = 5, 7
@@ -32,6 +32,15 @@ def _model(**overrides) -> MoMKE:
     torch.manual_seed(0)
     config = dict(input_dims=DIMS, num_outputs=3, hidden=8, depth=2, num_heads=2, drop_rate=0.0)
     return MoMKE(ModelConfig(**{**config, **overrides}))
+
+
+@pytest.fixture(params=["in rows", "per conversation"])
+def attention_path(request, monkeypatch) -> str:
+    """Both ways attention is computed: these rows are short, so the per-conversation path (for
+    long rows) is taken by lowering its threshold."""
+    if request.param == "per conversation":
+        monkeypatch.setattr("MoMKE.layout.LONG_ROW", 0)
+    return request.param
 
 
 # ----------------------------------------------------------------------------- the literal SPEC
@@ -109,7 +118,7 @@ def _compare(output, literal, available, padding, stage, **tolerance) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("stage", [1, 2])
-def test_forward_equals_the_literal_computation(stage, variant):
+def test_forward_equals_the_literal_computation(stage, variant, attention_path):
     model = _model(**variant).eval()
     features, available, padding = _inputs(1)
     output = model(features, TokenLayout.from_masks(available, padding), stage)
@@ -118,7 +127,7 @@ def test_forward_equals_the_literal_computation(stage, variant):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_shared_and_own_rows_give_the_same_outputs_and_gradients(stage):
+def test_shared_and_own_rows_give_the_same_outputs_and_gradients(stage, attention_path):
     """The CPU's packing (conversations share rows) and the GPU's (one padded row each)."""
     features, available, padding = _inputs(7)
     results = []
@@ -146,7 +155,8 @@ def test_a_layout_is_planned_from_host_masks_only():
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_modalities_with_very_unequal_token_counts_equal_the_literal_computation(stage):
+def test_modalities_with_very_unequal_token_counts_equal_the_literal_computation(stage,
+                                                                               attention_path):
     model = _model().eval()
     features, available, padding = _inputs(3)
     available[..., 2] = False
@@ -158,7 +168,7 @@ def test_modalities_with_very_unequal_token_counts_equal_the_literal_computation
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("stage", [1, 2])
-def test_gradients_equal_the_literal_computation(stage, variant):
+def test_gradients_equal_the_literal_computation(stage, variant, attention_path):
     model = _model(**variant)  # training mode, no dropout: both paths are deterministic
     features, available, padding = _inputs(2)
     observed = available & ~padding[..., None]
@@ -208,6 +218,44 @@ def test_attention_gives_zeros_to_queries_without_valid_keys():
     z = attention(x, PackedRows(torch.arange(8), attend))
     assert torch.all(z[6] == 0) and torch.isfinite(z).all() and torch.all(z[5] != 0)
     z.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("attention_path", ["in rows", "per conversation"], indirect=True)
+def test_only_rows_attended_in_place_have_a_square_mask(attention_path):
+    features, available, padding = _inputs(1)
+    layout = TokenLayout.from_masks(available, padding)
+    rows = layout.rows_for(list(MODALITIES))
+    assert rows.per_conversation == (attention_path == "per conversation")
+    assert all((mask is None) == rows.per_conversation for mask in layout.attend.values())
+    assert sum(rows.segments) == len(rows.slots) and 0 not in rows.segments
+
+
+def test_a_long_conversations_layout_grows_linearly():
+    length = LONG_ROW + 1
+    padding = torch.zeros(2, length, dtype=torch.bool)
+    padding[1, 10:] = True  # with a short conversation beside it
+    layout = TokenLayout.from_masks(torch.ones(2, length, 3, dtype=torch.bool), padding, "own")
+    rows = layout.rows_for(list(MODALITIES))
+    assert rows.per_conversation and rows.segments == (length, 10) * 3
+    kept = [t for d in (layout.observed, layout.slots, layout.valid_position) for t in d.values()]
+    assert max(t.numel() for t in kept) <= length + 10
+
+
+@pytest.mark.parametrize("attention_path", ["in rows", "per conversation"], indirect=True)
+def test_attention_dropout_drops_and_keeps_the_mean(attention_path):
+    torch.manual_seed(0)
+    attention = Attention(ModelConfig(input_dims=DIMS, num_outputs=1, hidden=8, num_heads=2,
+                                      attn_drop_rate=0.5))
+    x = torch.randn(6, 8, requires_grad=True)  # one conversation of six tokens in one row
+    rows = TokenLayout.from_masks(torch.ones(1, 6, 3, dtype=torch.bool),
+                                  torch.zeros(1, 6, dtype=torch.bool)).rows_for(["a"])
+    expected = attention.eval()(x, rows)
+    attention.train()
+    draws = torch.stack([attention(x, rows) for _ in range(2000)])
+    assert not torch.allclose(draws[0], expected) and not torch.allclose(draws[0], draws[1])
+    torch.testing.assert_close(draws.mean(dim=0), expected, atol=0.1, rtol=0.1)
+    draws.sum().backward()
     assert torch.isfinite(x.grad).all()
 
 

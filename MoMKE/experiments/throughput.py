@@ -27,7 +27,7 @@ def model_flops(layout: TokenLayout, model: ModelConfig, stage: int) -> float:
     for _, m in streams:
         # utterances of m per conversation: attention costs their square (q k^T and a v); from
         # the layout's host counts, so that metering a GPU run never waits for the GPU
-        squares = sum(n * n for n in layout.per_conversation[m]) if layout.per_conversation \
+        squares = sum(n * n for n in layout.segments[m]) if layout.segments \
             else float(torch.bincount(layout.observed[m] // layout.length).double().square().sum())
         attention = 2 * 2 * D * squares
         flops += model.depth * (counts[m] * per_token + attention)
