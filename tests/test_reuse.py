@@ -1,0 +1,70 @@
+"""Reusing earlier work computes exactly what redoing it computes (docs/runs.md).
+
+A reused stage 1 gives the run it would have trained, for every flag; the code version moves with
+what computes numbers and with nothing else; reading the data never blocks on a file that is not
+a regular file; conversations that no split uses are said.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from MoMKE.config import NOT_STAGE1, STAGE1, TrainConfig
+from MoMKE.protocols import MissingSetting
+from MoMKE.stage1_cache import group_key
+from MoMKE.train import main
+from tests.conftest import tiny_config
+
+ATV = MissingSetting("fixed", condition="atv")
+
+TINY = ["--dataset", "CMUMOSI", "--hidden", "8", "--depth", "1", "--batch-size", "4",
+        "--device", "cpu", "--seed", "2", "--epochs", "4", "--stage-epochs", "2", "--official"]
+
+
+def _result(root: Path, output: Path, ablation: str, *extra: str) -> dict:
+    """The numbers of one run: its result's test and per-fold blocks, the epoch of its saved
+    checkpoint and its kept test predictions."""
+    assert main([*TINY, "--data-root", str(root), "--output-dir", str(output),
+                 "--ablation", ablation, *extra]) == 0
+    found = [(p.parent, json.loads(p.read_text())) for p in output.glob("CMUMOSI/*/result.json")]
+    [(folder, result)] = [(f, r) for f, r in found if r["config"]["ablation"] == ablation]
+    checkpoint = torch.load(folder / "checkpoint_fold1.pt", weights_only=True)
+    with np.load(folder / "predictions.npz") as predictions:
+        kept = {name: predictions[name].tolist() for name in predictions.files}
+    return {"test": result["test"], "folds": result["folds"], "predictions": kept,
+            "checkpoint_epoch": checkpoint["epoch"]}
+
+
+def test_an_ablation_reusing_momkes_stage1_equals_one_training_its_own(tiny_root, tmp_path):
+    shared = tmp_path / "shared"
+    _result(tiny_root, shared, "none")  # MoMKE trains stage 1 and caches it
+    for ablation in ("uniform-router", "self-experts", "frozen-experts"):
+        reused = _result(tiny_root, shared, ablation)
+        retrained = _result(tiny_root, tmp_path / ablation, ablation, "--no-reuse-stage1")
+        assert reused == retrained, ablation
+
+
+def test_every_setting_says_whether_it_touches_stage1():
+    silent = [f.name for f in dataclasses.fields(TrainConfig)
+              if not (f.metadata.get("stage1") in (STAGE1, NOT_STAGE1)
+                      or callable(f.metadata.get("stage1")))]
+    assert not silent, f"say with _option(STAGE1 | NOT_STAGE1, ...) whether {silent} touch stage 1"
+
+
+def test_ablations_share_stage1_unless_its_epochs_run_their_fused_head(tiny_root, tmp_path):
+    def key(**overrides) -> str | None:
+        return group_key(tiny_config(tiny_root, tmp_path, **overrides), ATV)
+
+    momke = key()
+    assert key(ablation="uniform-router") == key(ablation="self-experts") == momke
+    assert key(ablation="frozen-experts", epochs=9, train_missing="any") == momke
+    official = key(select_from="all")
+    assert key(select_from="all", ablation="frozen-experts") == official != momke
+    assert len({official, key(select_from="all", ablation="uniform-router"),
+                key(select_from="all", ablation="self-experts")}) == 3
+    assert key(ablation="no-stage1") is None
