@@ -7,6 +7,7 @@ emulate it, slower than float32, so there `--amp` says so once and runs float32.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import ctypes
 import ctypes.util
@@ -111,26 +112,73 @@ def peak_memory(device: torch.device) -> dict[str, float | str]:
     return {"device": "cpu", "memory": "peak_rss", "peak_memory_mb": peak * scale / 2**20}
 
 
-# The code version covers the method and one run: MoMKE/*.py and dataloader/*.py. The floors
-# above (MoMKE/experiments/, MoMKE/results/) only plan, schedule or present runs, and these thin
-# entry points only call them: a change to any of them changes no number.
-_ENTRY_POINTS = frozenset({"report.py", "bench.py", "sweep.py", "parity.py"})
+# What the code version covers: the modules on the path from the data on disk to a metric in a
+# result, each as its syntax tree (docs/runs.md). dataloader/: reading, checking and batching the
+# data (not atomic.py, which only writes files, nor synthetic.py, whose output the data fingerprint
+# covers); MoMKE/: the model, token layout, protocols, metrics, selection, training, one run, the
+# configuration, the stage-1 cache, this module and the command that runs them; of runlog.py only
+# the run identity (the rest writes files, locks and logs). Not covered: MoMKE/experiments/ and
+# MoMKE/results/ (they plan, schedule or present runs) and the thin entry points that call them.
+_COMPUTES: dict[str, tuple[str, ...] | None] = {  # path -> top-level names kept, None: all
+    **{f"dataloader/{name}.py": None for name in ("batch", "cache", "datasets", "features",
+                                                    "gcnet", "labels")},
+    **{f"MoMKE/{name}.py": None for name in ("config", "layout", "metrics", "model", "protocols",
+                                               "runner", "runtime", "selection", "stage1_cache",
+                                               "train", "trainer")},
+    "MoMKE/runlog.py": ("_NOT_IN_IDENTITY", "VARIANT_FIELDS", "_digest", "run_identity",
+                        "identity_hash", "experiment_hash", "run_folder"),
+}
+_NOT_COMPUTING = frozenset({"dataloader/__init__.py", "dataloader/atomic.py",
+                            "dataloader/synthetic.py", "MoMKE/__init__.py", "MoMKE/bench.py",
+                            "MoMKE/parity.py", "MoMKE/report.py", "MoMKE/sweep.py"})
+
+
+def _without_docstrings(tree: ast.AST, keep: tuple[str, ...] | None) -> ast.AST:
+    """`tree` without docstrings or other bare strings (they compute nothing) and, when `keep`
+    is given, with only the top-level definitions and assignments of those names."""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            node.body = [statement for statement in body if not (
+                isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
+                and isinstance(statement.value.value, str))]
+    if keep is not None:
+        tree.body = [statement for statement in tree.body if _defined_names(statement) & set(keep)]
+    return tree
+
+
+def _defined_names(statement: ast.stmt) -> set[str]:
+    if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {statement.name}
+    targets = statement.targets if isinstance(statement, ast.Assign) else \
+        [statement.target] if isinstance(statement, ast.AnnAssign) else []
+    return {name.id for target in targets for name in ast.walk(target)
+            if isinstance(name, ast.Name)}
+
+
+def source_digest(sources: dict[str, str], keep: dict[str, tuple[str, ...] | None] | None = None
+                  ) -> str:
+    """A digest of Python source texts (name -> text) as code: each parsed, stripped of
+    docstrings (comments are not in the tree) and, for the names in `keep`, of the top-level
+    statements not listed there, then dumped without line numbers. A comment or a docstring
+    leaves it unchanged; an operator, a name or a constant changes it."""
+    digest = hashlib.sha256()
+    for name in sorted(sources):
+        tree = _without_docstrings(ast.parse(sources[name], filename=name),
+                                   (keep or {}).get(name))
+        digest.update(f"{name}\n{ast.dump(tree, include_attributes=False)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """A digest of the source of every module that computes a result (the data reading, the
-    model, training, selection, metrics): part of a run's identity and of the stage-1 cache key,
-    so results of changed code are never reused. Comments count too: a false retrain is cheap, a
-    stale result is not."""
+    """The digest (`source_digest`) of the code that computes a result (`_COMPUTES`): part of a
+    run's identity and of the stage-1 cache key, so results of changed code are never reused,
+    while a changed comment or docstring retrains nothing. It also changes with the Python
+    version, whose syntax trees may differ: a false retrain is cheap, a stale result is not."""
     root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted([*(root / "MoMKE").glob("*.py"), *(root / "dataloader").glob("*.py")]):
-        if path.name in _ENTRY_POINTS:
-            continue
-        digest.update(f"{path.parent.name}/{path.name}\n".encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    sources = {name: (root / name).read_text(encoding="utf-8") for name in _COMPUTES}
+    return source_digest(sources, _COMPUTES)
 
 
 @lru_cache(maxsize=1)

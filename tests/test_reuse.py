@@ -6,6 +6,7 @@ a regular file; conversations that no split uses are said.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 from pathlib import Path
@@ -14,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from MoMKE import runtime
 from MoMKE.config import NOT_STAGE1, STAGE1, TrainConfig
 from MoMKE.protocols import MissingSetting
+from MoMKE.runtime import source_digest
 from MoMKE.stage1_cache import group_key
 from MoMKE.train import main
 from tests.conftest import tiny_config
@@ -68,3 +71,52 @@ def test_ablations_share_stage1_unless_its_epochs_run_their_fused_head(tiny_root
     assert len({official, key(select_from="all", ablation="uniform-router"),
                 key(select_from="all", ablation="self-experts")}) == 3
     assert key(ablation="no-stage1") is None
+
+
+# ----------------------------------------------------------------------------- the code version
+
+CODE = '''"""A module."""
+SCALE = 2.0  # the factor
+
+
+def score(x):
+    """Scaled."""
+    return x * SCALE
+'''
+
+
+@pytest.mark.parametrize("edit", [
+    lambda code: code.replace("# the factor", "# the factor, explained at length"),
+    lambda code: code.replace('"""Scaled."""', '"""Scaled by SCALE, a constant."""'),
+    lambda code: code.replace('"""A module."""\n', "# no docstring at all\n"),
+    lambda code: code.replace("return x * SCALE", "return (x\n            * SCALE)")])
+def test_comments_docstrings_and_layout_leave_the_code_version(edit):
+    assert source_digest({"m.py": edit(CODE)}) == source_digest({"m.py": CODE})
+
+
+@pytest.mark.parametrize("edit", [
+    lambda code: code.replace("x * SCALE", "x / SCALE"),
+    lambda code: code.replace("2.0", "2.5"),
+    lambda code: code.replace("def score(x)", "def score(y)").replace("x *", "y *")])
+def test_operators_constants_and_names_change_the_code_version(edit):
+    assert source_digest({"m.py": edit(CODE)}) != source_digest({"m.py": CODE})
+
+
+def test_the_code_version_keeps_only_the_named_definitions_of_a_partial_module():
+    keep = {"m.py": ("score",)}
+    assert source_digest({"m.py": CODE.replace("2.0", "3.0")}, keep) == \
+        source_digest({"m.py": CODE}, keep)
+    assert source_digest({"m.py": CODE.replace("x *", "-x *")}, keep) != \
+        source_digest({"m.py": CODE}, keep)
+
+
+def test_every_module_is_known_to_compute_numbers_or_not():
+    root = Path(runtime.__file__).resolve().parents[1]
+    modules = {str(p.relative_to(root)) for folder in ("MoMKE", "dataloader")
+               for p in (root / folder).glob("*.py")}
+    assert modules == set(runtime._COMPUTES) | runtime._NOT_COMPUTING
+    for name, kept in runtime._COMPUTES.items():  # a renamed definition is not silently dropped
+        if kept is not None:
+            defined = set().union(*(runtime._defined_names(statement) for statement in
+                                    ast.parse((root / name).read_text()).body))
+            assert set(kept) <= defined, name
