@@ -121,7 +121,7 @@ def peak_memory(device: torch.device) -> dict[str, float | str]:
 # MoMKE/results/ (they plan, schedule or present runs) and the thin entry points that call them.
 _COMPUTES: dict[str, tuple[str, ...] | None] = {  # path -> top-level names kept, None: all
     **{f"dataloader/{name}.py": None for name in ("batch", "cache", "datasets", "features",
-                                                    "gcnet", "labels")},
+                                                    "files", "gcnet", "labels")},
     **{f"MoMKE/{name}.py": None for name in ("config", "layout", "metrics", "model", "protocols",
                                                "runner", "runtime", "selection", "stage1_cache",
                                                "train", "trainer")},

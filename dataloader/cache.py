@@ -33,6 +33,7 @@ import numpy as np
 
 from dataloader.atomic import atomic_file, write_errors_named
 from dataloader.datasets import DataError
+from dataloader.files import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,9 @@ def cached_fingerprint(path: Path, stamp: str) -> str | None:
     """The content fingerprint stored with the cache at `path` when it was built from files
     with this `stamp`, else None; reads the header only."""
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             header = _read_header(handle)
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, struct.error, DataError):
         return None
     fingerprint = header.get("fingerprint")
     if header.get("stamp") != stamp or not isinstance(fingerprint, str) or len(fingerprint) != 64:
@@ -172,10 +173,10 @@ def load_cache(path: Path, stamp: str, expected: Layout,
     exactly the `expected` names, dtypes and shapes, and holds finite values within `max_abs`
     (checked vectorised after loading: cheap next to reading the files). Otherwise None, with one
     warning when the file is there but unusable."""
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             header = _read_header(handle)
             if header.get("stamp") != stamp:
                 log.info("feature cache %s is stale (files changed); rebuilding it", path)

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from dataloader.datasets import DataError, DatasetSpec
+from dataloader.files import open_regular
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ def load_label_pickle(path: str | Path) -> Any:
     """Unpickle `path` admitting only builtin containers and numpy arrays/scalars."""
     path = Path(path)
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             return _RestrictedUnpickler(handle, path).load()
     except DataError:
         raise

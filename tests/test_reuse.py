@@ -7,14 +7,24 @@ a regular file; conversations that no split uses are said.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import json
+import os
+import shutil
+import signal
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
 
+from dataloader import gcnet
+from dataloader.datasets import DEFAULT_FEATURES, DataError, get_spec
+from dataloader.features import _read_array
+from dataloader.gcnet import data_fingerprint, load_dataset
+from dataloader.labels import load_label_pickle
 from MoMKE import runtime
 from MoMKE.config import NOT_STAGE1, STAGE1, TrainConfig
 from MoMKE.protocols import MissingSetting
@@ -120,3 +130,62 @@ def test_every_module_is_known_to_compute_numbers_or_not():
             defined = set().union(*(runtime._defined_names(statement) for statement in
                                     ast.parse((root / name).read_text()).body))
             assert set(kept) <= defined, name
+
+
+# ----------------------------------------------------------------------------- reads that block
+
+@pytest.fixture
+def mosi(tmp_path, tiny_root):
+    """A private copy of the tiny CMU-MOSI set that a test may change."""
+    shutil.copytree(tiny_root / "CMUMOSI", tmp_path / "data" / "CMUMOSI",
+                    ignore=shutil.ignore_patterns(".cache"))
+    return tmp_path / "data"
+
+
+class Blocked(BaseException):
+    """Raised into a read that blocks; no `except OSError` or `except Exception` takes it."""
+
+
+@contextlib.contextmanager
+def _within(seconds: float) -> Iterator[None]:
+    """Fail instead of hanging when the block does not end in time (a read blocked on a pipe)."""
+    def stop(*_):
+        raise Blocked(f"blocked for more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _pipe_in_place_of(path: Path) -> Path:
+    path.unlink()
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("which", ["feature", "label"])
+def test_a_pipe_in_place_of_a_data_file_is_refused_naming_it(mosi, which):
+    folder = mosi / "CMUMOSI"
+    victim = sorted((folder / "features" / DEFAULT_FEATURES["t"]).glob("*.npy"))[0] \
+        if which == "feature" else folder / get_spec("CMUMOSI").label_file
+    _pipe_in_place_of(victim)
+    with _within(5), pytest.raises(DataError, match="is a named pipe, not a regular file") as error:
+        load_dataset("CMUMOSI", mosi)
+    assert str(victim) in str(error.value)
+    with _within(5), pytest.raises(DataError, match=str(victim)):
+        load_label_pickle(victim) if which == "label" else _read_array(victim)
+
+
+def test_a_pipe_in_place_of_the_feature_cache_is_replaced(mosi, caplog, monkeypatch):
+    fingerprint = load_dataset("CMUMOSI", mosi).fingerprint
+    [cached] = (mosi / "CMUMOSI" / ".cache").glob("*.bin")
+    _pipe_in_place_of(cached)
+    monkeypatch.setattr(gcnet, "_FINGERPRINTS", {})  # as in a new process: the cache is read
+    with _within(5):
+        assert data_fingerprint("CMUMOSI", mosi) == fingerprint
+        assert load_dataset("CMUMOSI", mosi).fingerprint == fingerprint
+    assert "is a named pipe" in caplog.text and cached.is_file()
