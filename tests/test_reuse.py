@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import signal
 from pathlib import Path
@@ -24,7 +25,7 @@ from dataloader import gcnet
 from dataloader.datasets import DEFAULT_FEATURES, DataError, get_spec
 from dataloader.features import _read_array
 from dataloader.gcnet import data_fingerprint, load_dataset
-from dataloader.labels import load_label_pickle
+from dataloader.labels import load_label_pickle, read_label_file
 from MoMKE import runtime
 from MoMKE.config import NOT_STAGE1, STAGE1, TrainConfig
 from MoMKE.protocols import MissingSetting
@@ -189,3 +190,27 @@ def test_a_pipe_in_place_of_the_feature_cache_is_replaced(mosi, caplog, monkeypa
         assert data_fingerprint("CMUMOSI", mosi) == fingerprint
         assert load_dataset("CMUMOSI", mosi).fingerprint == fingerprint
     assert "is a named pipe" in caplog.text and cached.is_file()
+
+
+# ----------------------------------------------------------------------------- unused data
+
+def test_conversations_in_no_split_are_said_in_one_line(mosi, caplog):
+    path = mosi / "CMUMOSI" / get_spec("CMUMOSI").label_file
+    content = list(pickle.loads(path.read_bytes()))
+    train = sorted(content[4])
+    dropped = train[:2]
+    content[4] = set(train[2:])
+    path.write_bytes(pickle.dumps(tuple(content)))
+    utterances = sum(len(content[0][vid]) for vid in dropped)
+    labels = read_label_file(path, get_spec("CMUMOSI"))  # goes on: it may be a held-out set
+    assert len(labels.folds[0].train) == len(train) - 2
+    [line] = [r.getMessage() for r in caplog.records if "in no split" in r.getMessage()]
+    assert f"2 conversation(s) with {utterances} utterance(s)" in line
+    assert str(path) in line and all(repr(vid) in line for vid in dropped)
+
+
+def test_label_files_that_use_every_conversation_say_nothing(tiny_root, caplog):
+    for name in ("CMUMOSI", "IEMOCAPSix"):
+        spec = get_spec(name)
+        read_label_file(tiny_root / spec.folder / spec.label_file, spec)
+    assert "in no split" not in caplog.text
