@@ -7,7 +7,6 @@ emulate it, slower than float32, so there `--amp` says so once and runs float32.
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import ctypes
 import ctypes.util
@@ -22,6 +21,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from dataloader.source import READING_MODULES, source_digest
 
 # oneDNN, which runs the CPU's bfloat16 products, keeps up to 1,024 compiled kernels per cache, one
 # per matrix shape. Batch shapes vary from batch to batch, so those caches grew a bfloat16 CMU-MOSI
@@ -114,14 +115,13 @@ def peak_memory(device: torch.device) -> dict[str, float | str]:
 
 # What the code version covers: the modules on the path from the data on disk to a metric in a
 # result, each as its syntax tree (docs/runs.md). dataloader/: reading, checking and batching the
-# data (not atomic.py, which only writes files, nor synthetic.py, whose output the data fingerprint
-# covers); MoMKE/: the model, token layout, protocols, metrics, selection, training, one run, the
+# data (`READING_MODULES`; not atomic.py, which only writes files, nor synthetic.py, whose output
+# the data fingerprint covers); MoMKE/: the model, token layout, protocols, metrics, selection, training, one run, the
 # configuration, the stage-1 cache, this module and the command that runs them; of runlog.py only
 # the run identity (the rest writes files, locks and logs). Not covered: MoMKE/experiments/ and
 # MoMKE/results/ (they plan, schedule or present runs) and the thin entry points that call them.
 _COMPUTES: dict[str, tuple[str, ...] | None] = {  # path -> top-level names kept, None: all
-    **{f"dataloader/{name}.py": None for name in ("batch", "cache", "datasets", "features",
-                                                    "files", "gcnet", "labels")},
+    **{f"dataloader/{name}.py": None for name in READING_MODULES},
     **{f"MoMKE/{name}.py": None for name in ("config", "layout", "metrics", "model", "protocols",
                                                "runner", "runtime", "selection", "stage1_cache",
                                                "train", "trainer")},
@@ -131,43 +131,6 @@ _COMPUTES: dict[str, tuple[str, ...] | None] = {  # path -> top-level names kept
 _NOT_COMPUTING = frozenset({"dataloader/__init__.py", "dataloader/atomic.py",
                             "dataloader/synthetic.py", "MoMKE/__init__.py", "MoMKE/bench.py",
                             "MoMKE/parity.py", "MoMKE/report.py", "MoMKE/sweep.py"})
-
-
-def _without_docstrings(tree: ast.AST, keep: tuple[str, ...] | None) -> ast.AST:
-    """`tree` without docstrings or other bare strings (they compute nothing) and, when `keep`
-    is given, with only the top-level definitions and assignments of those names."""
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(body, list):
-            node.body = [statement for statement in body if not (
-                isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant)
-                and isinstance(statement.value.value, str))]
-    if keep is not None:
-        tree.body = [statement for statement in tree.body if _defined_names(statement) & set(keep)]
-    return tree
-
-
-def _defined_names(statement: ast.stmt) -> set[str]:
-    if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return {statement.name}
-    targets = statement.targets if isinstance(statement, ast.Assign) else \
-        [statement.target] if isinstance(statement, ast.AnnAssign) else []
-    return {name.id for target in targets for name in ast.walk(target)
-            if isinstance(name, ast.Name)}
-
-
-def source_digest(sources: dict[str, str], keep: dict[str, tuple[str, ...] | None] | None = None
-                  ) -> str:
-    """A digest of Python source texts (name -> text) as code: each parsed, stripped of
-    docstrings (comments are not in the tree) and, for the names in `keep`, of the top-level
-    statements not listed there, then dumped without line numbers. A comment or a docstring
-    leaves it unchanged; an operator, a name or a constant changes it."""
-    digest = hashlib.sha256()
-    for name in sorted(sources):
-        tree = _without_docstrings(ast.parse(sources[name], filename=name),
-                                   (keep or {}).get(name))
-        digest.update(f"{name}\n{ast.dump(tree, include_attributes=False)}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 @lru_cache(maxsize=1)

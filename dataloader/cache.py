@@ -8,7 +8,9 @@ says which dataset and feature folders it holds. Inside it carries two digests:
                  and inode of every file below the feature folders and of the label file (what
                  git's index keeps, for the same reason: a file rewritten with its size and
                  modification time kept, by `cp -p`, `rsync -t` or a restore, still gets a new
-                 change time, which a user cannot set back, and `rsync` a new inode)
+                 change time, which a user cannot set back, and `rsync` a new inode), and the
+                 digest of the code that reads them (`dataloader/source.py`), so arrays that
+                 other reading rules computed are read again
     fingerprint  the content: a digest of the label file's bytes and of every feature file's
                  bytes as the loader read them (`ContentDigest`), computed while the cache is
                  built, which reads every byte once anyway; it is the run identity's data part
@@ -34,10 +36,13 @@ import numpy as np
 from dataloader.atomic import atomic_file, write_errors_named
 from dataloader.datasets import DataError
 from dataloader.files import open_regular
+from dataloader.source import reading_code_version
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when the loader's reading rules or the stamp change: old caches rebuild
+# Bump when the stamp changes: old caches rebuild. The reading rules need no bump: the stamp holds
+# the digest of the code that reads the data (`reading_code_version`).
+CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ def scan_files(paths: Iterable[Path]) -> FileScan:
     loader does; a link that leads nowhere or loops is stamped as the link itself and listed in
     `broken` (the loader names it if an utterance reads it; the caller says the rest is
     ignored)."""
-    digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    digest = hashlib.sha256(f"v{CACHE_VERSION} {reading_code_version()}".encode())
     broken: list[Path] = []
     entries = 0
     for root in paths:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader import gcnet
+from dataloader import cache, gcnet, source
 from dataloader.datasets import DEFAULT_FEATURES, DataError, get_spec
 from dataloader.features import _read_array
 from dataloader.gcnet import data_fingerprint, load_dataset
@@ -29,6 +29,8 @@ from dataloader.labels import load_label_pickle, read_label_file
 from MoMKE import runtime
 from MoMKE.config import NOT_STAGE1, STAGE1, TrainConfig
 from MoMKE.protocols import MissingSetting
+from MoMKE.results.collect import collect
+from MoMKE.runlog import read_result
 from MoMKE.runtime import source_digest
 from MoMKE.stage1_cache import group_key
 from MoMKE.train import main
@@ -128,7 +130,7 @@ def test_every_module_is_known_to_compute_numbers_or_not():
     assert modules == set(runtime._COMPUTES) | runtime._NOT_COMPUTING
     for name, kept in runtime._COMPUTES.items():  # a renamed definition is not silently dropped
         if kept is not None:
-            defined = set().union(*(runtime._defined_names(statement) for statement in
+            defined = set().union(*(source._defined_names(statement) for statement in
                                     ast.parse((root / name).read_text()).body))
             assert set(kept) <= defined, name
 
@@ -214,3 +216,28 @@ def test_label_files_that_use_every_conversation_say_nothing(tiny_root, caplog):
         spec = get_spec(name)
         read_label_file(tiny_root / spec.folder / spec.label_file, spec)
     assert "in no split" not in caplog.text
+
+
+def test_the_feature_cache_is_read_again_when_the_reading_code_changes(mosi, caplog, monkeypatch):
+    first = load_dataset("CMUMOSI", mosi)
+    assert "loaded from cache" in _loading(mosi, caplog)
+    monkeypatch.setattr(cache, "reading_code_version", lambda: "other reading rules")
+    assert "read from files" in _loading(mosi, caplog)
+    assert load_dataset("CMUMOSI", mosi).fingerprint == first.fingerprint  # the same bytes
+
+
+def _loading(root: Path, caplog) -> str:
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        load_dataset("CMUMOSI", root)
+    return caplog.text
+
+
+def test_a_pipe_in_place_of_a_result_is_no_result(tmp_path):
+    folder = tmp_path / "CMUMOSI" / "fixed-atv_seed1_0123456789ab"
+    folder.mkdir(parents=True)
+    os.mkfifo(folder / "result.json")
+    with _within(5):
+        assert read_result(folder) is None  # so the run trains again, and replaces it
+        [(where, why)] = collect([tmp_path]).skipped
+    assert where == str(folder) and "is a named pipe" in why
