@@ -241,3 +241,14 @@ def test_a_pipe_in_place_of_a_result_is_no_result(tmp_path):
         assert read_result(folder) is None  # so the run trains again, and replaces it
         [(where, why)] = collect([tmp_path]).skipped
     assert where == str(folder) and "is a named pipe" in why
+
+
+def test_a_result_without_the_checkpoints_asked_for_is_trained_again(tiny_root, tmp_path):
+    def train(*extra: str) -> list[Path]:
+        assert main([*TINY[:-1], "--data-root", str(tiny_root), "--output-dir", str(tmp_path),
+                     *extra]) == 0
+        return sorted(tmp_path.glob("CMUMOSI/*/checkpoint_fold*.pt"))
+
+    assert train("--no-save-checkpoint") == []
+    assert len(train()) == 1  # skipped before: "complete already", and no checkpoint written
+    assert len(train()) == 1
