@@ -368,7 +368,8 @@ def config_to_yaml(config: TrainConfig) -> str:
 #     frozen-experts  the experts keep their stage-1 weights during stage 2; the rest learns
 # All but no-stage1 train stage 1 as MoMKE does (the same parameters are created in the same order),
 # so they reuse MoMKE's stage 1; with --select-from all each stage-1 epoch also runs the fused head,
-# which uniform-router and self-experts change, so there they train their own (`_ablation_in_stage1`). The unified model (`--train-missing any`) is not an ablation but a
+# which uniform-router and self-experts change, so there they train their own
+# (`_ablation_in_stage1`). The unified model (`--train-missing any`) is not an ablation but a
 # different training regime; both are named by `variant_name`.
 
 

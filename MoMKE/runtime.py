@@ -116,9 +116,9 @@ def peak_memory(device: torch.device) -> dict[str, float | str]:
 # What the code version covers: the modules on the path from the data on disk to a metric in a
 # result, each as its syntax tree (docs/runs.md). dataloader/: reading, checking and batching the
 # data (`READING_MODULES`; not atomic.py, which only writes files, nor synthetic.py, whose output
-# the data fingerprint covers); MoMKE/: the model, token layout, protocols, metrics, selection, training, one run, the
-# configuration, the stage-1 cache, this module and the command that runs them; of runlog.py only
-# the run identity (the rest writes files, locks and logs). Not covered: MoMKE/experiments/ and
+# the data fingerprint covers); MoMKE/: the model, token layout, protocols, metrics, selection,
+# training, one run, the configuration, the stage-1 cache, this module and the command that runs
+# them; of runlog.py only the run identity (the rest writes files, locks and logs). Not covered: MoMKE/experiments/ and
 # MoMKE/results/ (they plan, schedule or present runs) and the thin entry points that call them.
 _COMPUTES: dict[str, tuple[str, ...] | None] = {  # path -> top-level names kept, None: all
     **{f"dataloader/{name}.py": None for name in READING_MODULES},
