@@ -13,7 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -37,100 +37,141 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the flag or key."""
 
 
-def _option(help: str, **argparse_options: Any) -> Any:
+STAGE1, NOT_STAGE1 = True, False  # a field's first word: does it touch stage 1?
+
+
+def _option(stage1: bool | Callable[["TrainConfig"], Any], help: str,
+            **argparse_options: Any) -> Any:
+    """A field with its flag's help and argparse options, and `stage1`: whether it can change
+    anything a cached stage 1 holds (True: its value is part of the stage-1 key; a function: the
+    part of the key it gives, from the resolved configuration; False: never; docs/runs.md)."""
     return field(default=argparse_options.pop("default", None),
-                 metadata={"help": help, **argparse_options})
+                 metadata={"help": help, "stage1": stage1, **argparse_options})
+
+
+def _ablation_in_stage1(config: "TrainConfig") -> Any:
+    """Stage 1 trains the same parameters for every ablation; only with --select-from all does
+    it also run the fused head (to score its epochs as candidates), whose output the ablation's
+    model options change."""
+    return model_options(config.ablation) if config.select_from == "all" else None
 
 
 @dataclass
 class TrainConfig:
+    # The first argument of each field says whether it touches stage 1 (`_option`). Not in the
+    # stage-1 key, though stage 1 reads them: data_root (the data fingerprint stands for the data
+    # found there), test_condition and missing_rate (the setting's own stage-1 key: the rate, in
+    # the random protocol), folds (each fold is its own key), device (the resolved device's type
+    # is in the key). Never read by stage 1: epochs (stage 2's end), official (it acts through
+    # select_from and expert_handover), train_missing (stage-2 masks; stage 1 trains and is
+    # evaluated on complete data), the output and reuse options.
     # data
-    dataset: str | None = _option("dataset to train on", choices=list(DATASETS))
-    data_root: str = _option("folder holding <DIR>/ in the GCNet layout", default="features")
-    audio_feature: str = _option("audio feature folder name", default=DEFAULT_FEATURES["a"])
-    text_feature: str = _option("text feature folder name", default=DEFAULT_FEATURES["t"])
-    video_feature: str = _option("visual feature folder name", default=DEFAULT_FEATURES["v"])
+    dataset: str | None = _option(STAGE1, "dataset to train on", choices=list(DATASETS))
+    data_root: str = _option(NOT_STAGE1, "folder holding <DIR>/ in the GCNet layout",
+                             default="features")
+    audio_feature: str = _option(STAGE1, "audio feature folder name",
+                                 default=DEFAULT_FEATURES["a"])
+    text_feature: str = _option(STAGE1, "text feature folder name",
+                                default=DEFAULT_FEATURES["t"])
+    video_feature: str = _option(STAGE1, "visual feature folder name",
+                                 default=DEFAULT_FEATURES["v"])
     # missing-modality protocol
     test_condition: list[str] | None = _option(
+        NOT_STAGE1,
         "fixed protocol: comma list of conditions among a,t,v,at,av,tv,atv; one model each "
         "(default atv when no --missing-rate is given)")
     missing_rate: list[float] | None = _option(
+        NOT_STAGE1,
         "random protocol: comma list of missing rates in [0, 0.7]; one model each")
     # schedule and optimiser
-    epochs: int | None = _option("total epochs, stage 1 included (default: the paper's for the "
-                                 "dataset: MOSI 300, MOSEI 100, IEMOCAP 200)")
-    stage_epochs: int | None = _option("epochs of stage 1, unimodal expert training; 0 skips it "
-                                       "(default: the paper's, half of the paper's epochs, or "
-                                       "half of --epochs when that is given)")
-    batch_size: int | None = _option("conversations per batch (default: the paper's: CMU 32, "
-                                     "IEMOCAP 16)")
-    lr: float = _option("Adam learning rate, both stages", default=1e-4)
-    l2: float = _option("Adam weight decay, both stages", default=1e-5)
+    epochs: int | None = _option(NOT_STAGE1, "total epochs, stage 1 included (default: the "
+                                 "paper's for the dataset: MOSI 300, MOSEI 100, IEMOCAP 200)")
+    stage_epochs: int | None = _option(STAGE1, "epochs of stage 1, unimodal expert training; 0 "
+                                       "skips it (default: the paper's, half of the paper's "
+                                       "epochs, or half of --epochs when that is given)")
+    batch_size: int | None = _option(STAGE1, "conversations per batch (default: the paper's: "
+                                     "CMU 32, IEMOCAP 16)")
+    lr: float = _option(STAGE1, "Adam learning rate, both stages", default=1e-4)
+    l2: float = _option(STAGE1, "Adam weight decay, both stages", default=1e-5)
     chunk_utterances: int | None = _option(
+        STAGE1,
         "largest number of utterances run through the model at once: a batch with more is "
         "split into chunks of whole conversations whose gradients add up to the batch's (the "
         "same update, less memory; 0: the whole batch at once; default on the CPU: 256, or 1024 "
         "with --amp, whose bfloat16 matrix products need larger blocks to run at speed; on a "
         "GPU: 0)")
     expert_handover: str = _option(
+        STAGE1,
         "stage-1 weights stage 2 starts from: best (each modality's best stage-1 epoch, the "
         "paper's intent) or last (what the released code effectively does)",
         default="best", choices=["best", "last"])
     select_from: str = _option(
+        STAGE1,
         "epochs the selection rules choose among: stage2 (the fused model's epochs, the default) "
         "or all (stage-1 epochs too, whose val/test pass runs the untrained fused head on the "
         "stage-1 masks, as the official code does)", default="stage2", choices=["stage2", "all"])
     official: bool = _option(
+        NOT_STAGE1,
         "the official code's choices where ours differ: --select-from all and --expert-handover "
         "last (the report then shows MAE and Corr on non-zero labels)", default=False)
     train_missing: str = _option(
+        NOT_STAGE1,
         "stage-2 training masks: run (the run's own condition or rate, the paper), any (one "
         "unified model: each conversation gets one of the seven conditions; evaluated on all "
         "conditions and rates), any+rates (as any, half the conversations with random per-"
         "utterance masks at a rate in [0, 0.7])", default="run", choices=["run", "any", "any+rates"])
     ablation: str = _option(
+        _ablation_in_stage1,
         "change one thing of MoMKE: none; no-stage1 (the mixture trained from scratch: stage 1 "
         "skipped, stage 2 as long as usual); uniform-router (equal weights over the experts, "
         "nothing learnt); self-experts (each modality uses its own expert only: no cross-expert "
         "knowledge); frozen-experts (experts keep their stage-1 weights in stage 2)",
         default="none", choices=["none", *ABLATIONS])
     # model
-    hidden: int = _option("hidden size D", default=256)
-    depth: int = _option("layers per expert", default=4)
-    num_heads: int = _option("attention heads per expert layer", default=2)
-    mlp_ratio: float = _option("expert MLP width as a multiple of D", default=1.0)
-    drop_rate: float = _option("dropout of projections, MLPs, routers and fusion", default=0.5)
-    attn_drop_rate: float = _option("dropout of attention weights", default=0.0)
+    hidden: int = _option(STAGE1, "hidden size D", default=256)
+    depth: int = _option(STAGE1, "layers per expert", default=4)
+    num_heads: int = _option(STAGE1, "attention heads per expert layer", default=2)
+    mlp_ratio: float = _option(STAGE1, "expert MLP width as a multiple of D", default=1.0)
+    drop_rate: float = _option(STAGE1, "dropout of projections, MLPs, routers and fusion",
+                               default=0.5)
+    attn_drop_rate: float = _option(STAGE1, "dropout of attention weights", default=0.0)
     bit_dropout: bool = _option(
+        STAGE1,
         "CPU dropout masks from random bits (MoMKE/model.py BitDropout): the same Bernoulli keep "
         "rate and scale as nn.Dropout, another random stream, 12-19 %% faster epochs on the CPU; "
         "--no-bit-dropout uses nn.Dropout everywhere", default=True)
     # run
-    seed: int = _option("random seed (data order, masks, initialisation, dropout)", default=66)
-    folds: list[int] | None = _option("comma list of folds to run, 1-based (default: all; "
-                                      "IEMOCAP has 5 sessions)")
-    device: str = _option("auto, cpu or cuda[:N]; auto takes CUDA when available", default="auto")
-    threads: int = _option("CPU threads of torch during a run (torch.set_num_threads); 0: torch's "
-                           "default, the machine's cores. Float rounding on the CPU can depend on "
-                           "it: compare runs at equal --threads (Ray runs default to "
-                           "--cpus-per-run)", default=0)
+    seed: int = _option(STAGE1, "random seed (data order, masks, initialisation, dropout)",
+                        default=66)
+    folds: list[int] | None = _option(NOT_STAGE1, "comma list of folds to run, 1-based (default: "
+                                      "all; IEMOCAP has 5 sessions)")
+    device: str = _option(NOT_STAGE1, "auto, cpu or cuda[:N]; auto takes CUDA when available",
+                          default="auto")
+    threads: int = _option(STAGE1, "CPU threads of torch during a run (torch.set_num_threads); "
+                           "0: torch's default, the machine's cores. Float rounding on the CPU "
+                           "can depend on it: compare runs at equal --threads (Ray runs default "
+                           "to --cpus-per-run)", default=0)
     amp: bool = _option(
+        STAGE1,
         "bfloat16 autocast of the forward pass, on CUDA and on CPUs with bfloat16 arithmetic in "
         "hardware (AVX-512 BF16, AMX, ARM BF16): weights, optimiser state, softmaxes, losses and "
         "metrics stay float32. Elsewhere it is said once and the run is float32 (and recorded so). "
         "Parity with float32 and the speed-up: docs/precision-and-speed.md", default=False)
     compile: bool = _option(
+        STAGE1,
         "torch.compile the expert stack (dynamic shapes: one compilation serves every batch size). "
         "Measured on a 2-core CPU its epochs were slower and it costs 11-50 s of compilation per "
         "process (`python -m MoMKE.bench --modes`); inside it dropout uses the compiler's random "
         "stream, not --bit-dropout's", default=False)
-    output_dir: str = _option("where run folders are written", default="saved")
-    save_checkpoint: bool = _option("write the selected checkpoint of every fold", default=True)
-    reuse_stage1: bool = _option("reuse a stage 1 trained with identical settings (cached under "
-                                 "<output-dir>/_stage1)", default=True)
-    force: bool = _option("retrain even when a complete run with this configuration exists",
-                          default=False)
-    config: str | None = _option("YAML file of any of these keys; flags override it")
+    output_dir: str = _option(NOT_STAGE1, "where run folders are written", default="saved")
+    # A cached stage 1 holds the best stage-1 checkpoint when it keeps one (--select-from all).
+    save_checkpoint: bool = _option(STAGE1, "write the selected checkpoint of every fold",
+                                    default=True)
+    reuse_stage1: bool = _option(NOT_STAGE1, "reuse a stage 1 trained with identical settings "
+                                 "(cached under <output-dir>/_stage1)", default=True)
+    force: bool = _option(NOT_STAGE1, "retrain even when a complete run with this configuration "
+                          "exists", default=False)
+    config: str | None = _option(NOT_STAGE1, "YAML file of any of these keys; flags override it")
 
     def resolved(self) -> "TrainConfig":
         """Fill the paper's per-dataset values and check every field; raise ConfigError."""
@@ -211,6 +252,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def stage1_settings(self) -> dict[str, Any]:
+        """What of this resolved configuration a stage 1 can depend on: each field marked
+        STAGE1 with its value, each marked with a function with what that function gives."""
+        out = {}
+        for spec in dataclasses.fields(self):
+            touches = spec.metadata["stage1"]
+            if touches is not NOT_STAGE1:
+                out[spec.name] = getattr(self, spec.name) if touches is STAGE1 else touches(self)
+        return out
+
 
 MAX_SEED = 2**32 - 1  # numpy's seed range; fold seeds add 1000 per fold, still within torch's
 
@@ -269,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + spec.name.replace("_", "-")
         meta = dict(spec.metadata)
         help_text = meta.pop("help")
+        meta.pop("stage1")
         if "bool" in spec.type:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{help_text} (default: {'on' if spec.default else 'off'})")
@@ -319,8 +371,10 @@ def config_to_yaml(config: TrainConfig) -> str:
 #     uniform-router  every modality mixes the experts with equal weights; no router is learnt
 #     self-experts    each modality uses only its own expert: no knowledge from the other experts
 #     frozen-experts  the experts keep their stage-1 weights during stage 2; the rest learns
-# All but no-stage1 leave stage 1 untouched (the same parameters are created in the same order), so
-# they reuse MoMKE's stage 1. The unified model (`--train-missing any`) is not an ablation but a
+# All but no-stage1 train stage 1 as MoMKE does (the same parameters are created in the same order),
+# so they reuse MoMKE's stage 1; with --select-from all each stage-1 epoch also runs the fused head,
+# which uniform-router and self-experts change, so there they train their own
+# (`_ablation_in_stage1`). The unified model (`--train-missing any`) is not an ablation but a
 # different training regime; both are named by `variant_name`.
 
 

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from dataloader.atomic import append_text, save_torch_atomic, write_atomic, write_errors_named
+from dataloader.files import open_regular
 from MoMKE.config import ConfigError, TrainConfig, config_to_yaml
 from MoMKE.protocols import CONDITIONS, MissingSetting
 from MoMKE.runtime import code_version, hardware
@@ -104,8 +105,9 @@ def read_result(folder: Path, identity: dict | None = None) -> dict | None:
     """The result of a complete run folder, or None (absent, partial, unreadable, or, when
     `identity` is given, computed for another identity)."""
     try:
-        result = json.loads((folder / "result.json").read_text())
-    except (OSError, ValueError):
+        with open_regular(folder / "result.json") as handle:  # a pipe there would block
+            result = json.loads(handle.read())
+    except (OSError, ValueError):  # NotRegularFile is a ValueError
         return None
     if not isinstance(result, dict) or result.get("complete") is not True:
         return None

@@ -77,7 +77,7 @@ class RunSpec:
 
     def is_complete(self) -> bool:
         identity = run_identity(self.config, self.setting, self.fingerprint, self.device)
-        return read_result(self.folder, identity) is not None
+        return _reusable(self.config, self.folder, identity) is not None
 
     def result_stamp(self) -> tuple[int, int] | None:
         """(inode, mtime) of the run's result.json, or None: tells a result another process
@@ -145,9 +145,24 @@ def run(config: TrainConfig, data: MultimodalDataset, setting: MissingSetting,
 
 def _complete(config: TrainConfig, folder: RunFolder, identity: dict) -> dict | None:
     """The result of a complete run of this identity, unless --force retrains it."""
-    if config.force or (done := read_result(folder.path, identity)) is None:
+    if config.force or (done := _reusable(config, folder.path, identity)) is None:
         return None
     log.info("%s is complete already; skipping it (use --force to retrain)", folder.path)
+    return done
+
+
+def _reusable(config: TrainConfig, folder: Path, identity: dict) -> dict | None:
+    """The result in `folder` when it is all that training would leave there: of this identity
+    and, with --save-checkpoint (not part of the identity), with every fold's checkpoint."""
+    done = read_result(folder, identity)
+    if done is None or not config.save_checkpoint:
+        return done
+    missing = [f["fold"] for f in done.get("folds", [])
+               if not (folder / f"checkpoint_fold{f['fold']}.pt").is_file()]
+    if missing:
+        log.info("%s has no checkpoint of fold(s) %s, which --save-checkpoint asks for; "
+                 "training it again", folder, ", ".join(map(str, missing)))
+        return None
     return done
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from dataloader.source import READING_MODULES, source_digest
+
 # oneDNN, which runs the CPU's bfloat16 products, keeps up to 1,024 compiled kernels per cache, one
 # per matrix shape. Batch shapes vary from batch to batch, so those caches grew a bfloat16 CMU-MOSI
 # run's resident memory to 1.4 GB in 24 epochs (float32: 0.8 GB); 16 entries keep it at 0.73 GB
@@ -146,27 +148,40 @@ def peak_memory(device: torch.device) -> dict[str, float | str]:
             "peak_memory_mb": peak * scale / 2**20}
 
 
-# The code version covers the method and one run: MoMKE/*.py and dataloader/*.py. The floors
-# above (MoMKE/experiments/, MoMKE/results/) only plan, schedule or present runs, and these thin
-# entry points only call them: a change to any of them changes no number.
-_ENTRY_POINTS = frozenset({"report.py", "bench.py", "sweep.py", "parity.py", "evaluate.py",
-                           "predict.py"})
+# What the code version covers: the modules on the path from the data on disk to a metric in a
+# result, each as its syntax tree (docs/runs.md). dataloader/: reading, checking and batching the
+# data (`READING_MODULES`; not atomic.py, which only writes files, nor synthetic.py, whose output
+# the data fingerprint covers, nor manifest.py, which only `python -m MoMKE.predict` reads);
+# MoMKE/: the model, token layout, protocols, metrics, selection, the evaluation pass, training,
+# one run, the configuration, the stage-1 cache, the memory check before a run, the checkpoint it
+# writes, this module and the command that runs them; of runlog.py only the run identity (the
+# rest writes files, locks and logs). Not covered: MoMKE/experiments/ and MoMKE/results/ (they
+# plan, schedule, evaluate saved runs or present them) and the thin entry points that call them.
+_COMPUTES: dict[str, tuple[str, ...] | None] = {  # path -> top-level names kept, None: all
+    **{f"dataloader/{name}.py": None for name in READING_MODULES},
+    **{f"MoMKE/{name}.py": None for name in ("checkpoint", "config", "evaluation", "layout",
+                                               "memory", "metrics", "model", "protocols",
+                                               "runner", "runtime", "selection", "stage1_cache",
+                                               "train", "trainer")},
+    "MoMKE/runlog.py": ("_NOT_IN_IDENTITY", "VARIANT_FIELDS", "_digest", "run_identity",
+                        "identity_hash", "experiment_hash", "run_folder"),
+}
+_NOT_COMPUTING = frozenset({"dataloader/__init__.py", "dataloader/atomic.py",
+                            "dataloader/manifest.py", "dataloader/synthetic.py",
+                            "MoMKE/__init__.py", "MoMKE/bench.py", "MoMKE/evaluate.py",
+                            "MoMKE/parity.py", "MoMKE/predict.py", "MoMKE/report.py",
+                            "MoMKE/sweep.py"})
 
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """A digest of the source of every module that computes a result (the data reading, the
-    model, training, selection, metrics): part of a run's identity and of the stage-1 cache key,
-    so results of changed code are never reused. Comments count too: a false retrain is cheap, a
-    stale result is not."""
+    """The digest (`source_digest`) of the code that computes a result (`_COMPUTES`): part of a
+    run's identity and of the stage-1 cache key, so results of changed code are never reused,
+    while a changed comment or docstring retrains nothing. It also changes with the Python
+    version, whose syntax trees may differ: a false retrain is cheap, a stale result is not."""
     root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted([*(root / "MoMKE").glob("*.py"), *(root / "dataloader").glob("*.py")]):
-        if path.name in _ENTRY_POINTS:
-            continue
-        digest.update(f"{path.parent.name}/{path.name}\n".encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    sources = {name: (root / name).read_text(encoding="utf-8") for name in _COMPUTES}
+    return source_digest(sources, _COMPUTES)
 
 
 @lru_cache(maxsize=1)

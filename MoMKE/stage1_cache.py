@@ -3,13 +3,14 @@
 From: SPEC §5 (stage 1 sees complete data in the fixed protocol, so all seven conditions share it;
 in the random protocol it depends on the rate). A cached stage 1 holds everything stage 2 starts
 from: the weights after the hand-over, the Adam state, the random-number states, the stage-1
-epoch records and the test predictions the selection rules kept from them (with `--select-from
-all` stage-1 epochs are candidates), so a run that reuses it computes exactly what a run
-retraining it computes.
-The key is the run identity restricted to what stage 1 depends on (its settings, the data
-fingerprint, the code version), plus the fold and the hardware (`runtime.hardware`: the device
-type, and on a GPU its model and CUDA version); files live in `<output-dir>/_stage1/`. A file that
-does not load, or holds other keys or shapes than this model's, is retrained with one warning.
+epoch records, the test predictions the selection rules kept from them and the best-on-validation
+checkpoint so far (with `--select-from all` stage-1 epochs are candidates), so a run that reuses
+it computes exactly what a run retraining it computes.
+The key is the run identity restricted to what stage 1 depends on (the settings each field of
+`TrainConfig` marks as touching stage 1, the data fingerprint, the code version), plus the fold
+and the hardware (`runtime.hardware`: the device type, and on a GPU its model and CUDA version);
+files live in `<output-dir>/_stage1/`. A file that does not load, or holds other keys or shapes
+than this model's, is retrained with one warning.
 """
 from __future__ import annotations
 
@@ -28,18 +29,14 @@ from MoMKE.runtime import code_version, hardware
 
 log = logging.getLogger("MoMKE")
 
-# Settings stage 1 depends on. Not here: epochs (stage 2 length), conditions, rates, output options.
-_STAGE1_FIELDS = ("dataset", "audio_feature", "text_feature", "video_feature", "stage_epochs",
-                  "batch_size", "chunk_utterances", "lr", "l2", "expert_handover", "hidden",
-                  "depth", "num_heads", "mlp_ratio", "drop_rate", "attn_drop_rate", "bit_dropout",
-                  "seed", "amp", "compile", "select_from")
 SNAPSHOT_KEYS = frozenset({"model", "optimizer", "rng_torch", "rng_data", "rng_cuda", "records",
-                           "handover", "selected"})
+                           "handover", "selected", "checkpoint", "best_val"})
 
 
 def _stage1_identity(config: TrainConfig, setting: MissingSetting) -> dict:
-    return {**{name: getattr(config, name) for name in _STAGE1_FIELDS},
-            "missing": setting.stage1_key, "code": code_version(), "torch": torch.__version__}
+    # Which settings count is said field by field in MoMKE/config.py (docs/runs.md).
+    return {**config.stage1_settings(), "missing": setting.stage1_key, "code": code_version(),
+            "torch": torch.__version__}
 
 
 def key_for(config: TrainConfig, data: MultimodalDataset, fold: int, setting: MissingSetting,
@@ -97,6 +94,13 @@ def _problem(snapshot: object, model_state: dict[str, torch.Tensor]) -> str | No
             isinstance(item, list) and len(item) == 5 and isinstance(item[4], torch.Tensor)
             for item in snapshot["selected"]):
         return "its kept test predictions are malformed"
+    checkpoint = snapshot["checkpoint"]
+    if checkpoint is not None and not (
+            isinstance(checkpoint, dict) and set(checkpoint) == {"state", "epoch", "rule"}
+            and isinstance(checkpoint["state"], dict) and set(checkpoint["state"]) == set(weights)):
+        return "its kept checkpoint is malformed"
+    if not isinstance(snapshot["best_val"], float):
+        return "its best validation score is malformed"
     if not isinstance(snapshot["records"], list) or not all(
             isinstance(r, dict) and r.get("stage") == 1 for r in snapshot["records"]):
         return "its epoch records are malformed"

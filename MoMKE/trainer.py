@@ -294,12 +294,18 @@ class FoldTrainer:
                 "rng_torch": torch.get_rng_state(), "rng_data": self.generator.get_state(),
                 "rng_cuda": (torch.cuda.get_rng_state(self.device)
                              if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8)),
-                "records": records, "handover": handover, "selected": self.selected.state()}
+                "records": records, "handover": handover, "selected": self.selected.state(),
+                "checkpoint": self._checkpoint, "best_val": float(self._best_val)}
 
     def _restore(self, cached: dict) -> None:
         self.model.load_state_dict(cached["model"])
         self.optimizer.load_state_dict(cached["optimizer"])
         self.selected.load_state(cached["selected"])
+        # With --select-from all a stage-1 epoch may be the best on validation so far.
+        self._best_val, self._checkpoint = cached["best_val"], cached["checkpoint"]
+        if self._checkpoint is not None:
+            self._checkpoint["state"] = {name: value.to(self.device)
+                                         for name, value in self._checkpoint["state"].items()}
         torch.set_rng_state(cached["rng_torch"])
         self.generator.set_state(cached["rng_data"])
         if self.device.type == "cuda":

@@ -8,7 +8,9 @@ says which dataset and feature folders it holds. Inside it carries two digests:
                  and inode of every file below the feature folders and of the label file (what
                  git's index keeps, for the same reason: a file rewritten with its size and
                  modification time kept, by `cp -p`, `rsync -t` or a restore, still gets a new
-                 change time, which a user cannot set back, and `rsync` a new inode)
+                 change time, which a user cannot set back, and `rsync` a new inode), and the
+                 digest of the code that reads them (`dataloader/source.py`), so arrays that
+                 other reading rules computed are read again
     fingerprint  the content: a digest of the label file's bytes and of every feature file's
                  bytes as the loader read them (`ContentDigest`), computed while the cache is
                  built, which reads every byte once anyway; it is the run identity's data part
@@ -33,10 +35,14 @@ import numpy as np
 
 from dataloader.atomic import atomic_file, write_errors_named
 from dataloader.datasets import DataError
+from dataloader.files import open_regular
+from dataloader.source import reading_code_version
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when the loader's reading rules or the stamp change: old caches rebuild
+# Bump when the stamp changes: old caches rebuild. The reading rules need no bump: the stamp holds
+# the digest of the code that reads the data (`reading_code_version`).
+CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ def scan_files(paths: Iterable[Path]) -> FileScan:
     loader does; a link that leads nowhere or loops is stamped as the link itself and listed in
     `broken` (the loader names it if an utterance reads it; the caller says the rest is
     ignored)."""
-    digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    digest = hashlib.sha256(f"v{CACHE_VERSION} {reading_code_version()}".encode())
     broken: list[Path] = []
     entries = 0
     for root in paths:
@@ -148,9 +154,9 @@ def cached_fingerprint(path: Path, stamp: str) -> str | None:
     """The content fingerprint stored with the cache at `path` when it was built from files
     with this `stamp`, else None; reads the header only."""
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             header = _read_header(handle)
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, struct.error, DataError):
         return None
     fingerprint = header.get("fingerprint")
     if header.get("stamp") != stamp or not isinstance(fingerprint, str) or len(fingerprint) != 64:
@@ -172,10 +178,10 @@ def load_cache(path: Path, stamp: str, expected: Layout,
     exactly the `expected` names, dtypes and shapes, and holds finite values within `max_abs`
     (checked vectorised after loading: cheap next to reading the files). Otherwise None, with one
     warning when the file is there but unusable."""
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             header = _read_header(handle)
             if header.get("stamp") != stamp:
                 log.info("feature cache %s is stale (files changed); rebuilding it", path)

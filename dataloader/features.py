@@ -20,6 +20,7 @@ import numpy as np
 
 from dataloader.cache import ContentDigest
 from dataloader.datasets import DataError
+from dataloader.files import open_regular
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ def _read_array(path: Path, content: ContentDigest | None = None) -> np.ndarray:
     """One utterance vector from a `[dim]`, `[1, dim]` or `[T, dim]` file (mean over T). The
     bytes are read once, for the content digest and the array both."""
     try:
-        raw = path.read_bytes()
+        with open_regular(path) as handle:
+            raw = handle.read()
     except OSError as error:
         raise DataError(f"{path}: {_unreadable(path, error)}; put the utterance's feature file "
                         f"there.") from None

@@ -27,6 +27,7 @@ from dataloader.cache import (ContentDigest, FileScan, cache_path, cached_finger
 from dataloader.datasets import (DEFAULT_FEATURES, MODALITIES, MODALITY_NAMES, DataError,
                                  DatasetSpec, get_spec)
 from dataloader.features import MAX_ABS_FEATURE, read_feature_folder
+from dataloader.files import check_regular, open_regular
 from dataloader.labels import Fold, LabelSet, read_label_file
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ def _paths(dataset: str, data_root: str | Path,
     names = dict(feature_names or feature_names_from())
     root = Path(data_root) / spec.folder
     label_path = root / spec.label_file
+    if label_path.exists():
+        check_regular(label_path)
     if not label_path.is_file():
         what = f"is a symbolic link to {os.readlink(label_path)}, which does not exist" \
             if label_path.is_symlink() else "label file not found"
@@ -174,7 +177,8 @@ def _read_features(spec: DatasetSpec, labels: LabelSet, label_path: Path,
     # IEMOCAP: prefix lookup and the speaker's own face, as GCNet reads it.
     speakers = [s for spk in labels.speakers for s in spk] if spec.num_folds > 1 else None
     arrays: dict[str, np.ndarray] = {}
-    parts = {"labels": hashlib.sha256(label_path.read_bytes()).hexdigest()}
+    with open_regular(label_path) as handle:
+        parts = {"labels": hashlib.sha256(handle.read()).hexdigest()}
     for m in MODALITIES:
         content = ContentDigest()
         matrix = read_feature_folder(folders[m], utterance_ids, speakers, faces=m == "v",

@@ -7,6 +7,7 @@ Split members come as Python sets; they are sorted here so that no run depends o
 """
 from __future__ import annotations
 
+import logging
 import pickle
 from collections import Counter
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from dataloader.datasets import DataError, DatasetSpec
+from dataloader.files import open_regular
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ def read_label_file(path: str | Path, spec: DatasetSpec) -> LabelSet:
     folds = _folds(spec, conversation_ids, splits, path)
     for fold in folds:
         _check_fold(fold, conversation_ids, path, named=len(folds) > 1)
+    _say_unused(folds, conversation_ids, utterances, path)
     return LabelSet(conversation_ids, tuple(utterances), tuple(labels), tuple(speakers), folds)
 
 
@@ -124,6 +129,20 @@ def _check_fold(fold: Fold, conversation_ids: tuple[str, ...], path: Path, *, na
         if not splits[name]:
             raise DataError(f"{path}: {where}the {name} split is empty; a run needs conversations "
                             f"to {'train on' if name == 'train' else 'test on'}, fix the file.")
+
+
+def _say_unused(folds: tuple[Fold, ...], conversation_ids: tuple[str, ...],
+                utterances: list[tuple[str, ...]], path: Path) -> None:
+    """One warning when some conversations are in no split of any fold: a run neither trains,
+    validates nor tests on them, which may be intended (a held-out set) or a damaged file."""
+    used = {i for fold in folds for split in (fold.train, fold.val, fold.test) for i in split}
+    unused = [i for i in range(len(conversation_ids)) if i not in used]
+    if unused:
+        shown = ", ".join(repr(conversation_ids[i]) for i in unused[:3])
+        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        log.warning("%s: %d conversation(s) with %d utterance(s) are in no split and are never "
+                    "trained or tested on: %s%s", path, len(unused),
+                    sum(len(utterances[i]) for i in unused), shown, more)
 
 
 def _checked_labels(per_conversation: list[np.ndarray], spec: DatasetSpec, path: Path,
@@ -211,7 +230,7 @@ def load_label_pickle(path: str | Path) -> Any:
     """Unpickle `path` admitting only builtin containers and numpy arrays/scalars."""
     path = Path(path)
     try:
-        with path.open("rb") as handle:
+        with open_regular(path) as handle:
             return _RestrictedUnpickler(handle, path).load()
     except DataError:
         raise

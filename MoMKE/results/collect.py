@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 
 
 from dataloader.datasets import DATASETS, get_spec
+from dataloader.files import open_regular
 from MoMKE.protocols import CONDITIONS
 from MoMKE.selection import RULES
 
@@ -41,7 +42,8 @@ def collect(paths: Iterable[Path]) -> Found:
         for path in candidates:
             folder = str(path.parent)
             try:
-                result = json.loads(path.read_text())
+                with open_regular(path) as handle:  # a pipe there would block the report
+                    result = json.loads(handle.read())
             except (OSError, ValueError) as error:
                 found.skipped.append((folder, f"result.json does not parse ({error})"))
                 continue
