@@ -292,3 +292,21 @@ def test_a_sweep_with_evaluate_all_reports_the_robustness_matrices(tiny_root, tm
     assert float(own["low"]) <= float(own["mean"]) <= float(own["high"])
     assert (report / "CMUMOSI_robustness_conditions.png").is_file()
     assert (report / "CMUMOSI_robustness_rates.png").is_file()
+
+
+def test_predict_gives_iemocap_class_probabilities_on_every_split(runs, tmp_path):
+    from MoMKE.experiments.predict import main as predict_main
+    folder = _run(runs, "IEMOCAPSix", "fixed-tv")
+    out = tmp_path / "p.csv"
+    assert predict_main([str(folder), "--data-root", json.loads(
+        (folder / "result.json").read_text())["config"]["data_root"], "--out", str(out),
+        "--split", "all", "--fold", "2"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    names = ("hap", "sad", "neu", "ang", "exc", "fru")
+    assert {r["split"] for r in rows} == {"train", "test"} and {r["modalities"] for r in rows} \
+        == {"atv"}
+    for row in rows:
+        probabilities = [float(row[f"p_{n}"]) for n in names]
+        assert sum(probabilities) == pytest.approx(1, abs=1e-5)
+        assert row["predicted"] == names[int(np.argmax(probabilities))]
+        assert row["label"] in names
