@@ -32,11 +32,11 @@ PACKINGS = ("shared", "own")
 
 # Rows longer than this attend one conversation at a time through torch's fused attention kernel
 # (MoMKE/model.py, `Attention._per_conversation`), whose memory grows linearly with the
-# conversation instead of with its square. On 2 CPU threads (attention alone, forward and backward,
-# 2 heads of 128) that kernel was 2-3.6x faster than the explicit softmax for one row of 3,000 and
-# 1.2-2.5x slower for the short rows of CMU-MOSI and IEMOCAP (32 x 24, 16 x 110), which therefore
-# keep the explicit path. Where the two cross: `python scripts/long_conversations.py --attention`
-# (docs/precision-and-speed.md, "Long conversations").
+# conversation instead of with its square. Shorter rows keep the explicit softmax: a whole stage-2
+# training epoch at GCNet's sizes runs 1.15x (CMU-MOSI) and 1.10x (IEMOCAP-4) longer with every
+# row on the fused path, although attention alone is slightly faster there; at 1,000-6,000
+# utterances the fused path is the one that fits (docs/precision-and-speed.md, "Long
+# conversations", with the commands and dates).
 LONG_ROW = 512
 
 
