@@ -88,7 +88,7 @@ def load_checkpoint(path: Path, device: torch.device, *, dataset: str | None = N
         raise CheckpointError(f"{path} does not exist; {retrain} with checkpoints saved "
                               f"(the default, not --no-save-checkpoint).") from None
     except Exception as error:  # noqa: BLE001 - any damage: refuse, never guess
-        raise CheckpointError(f"{path} is damaged and does not load ({type(error).__name__}); "
+        raise CheckpointError(f"{path} is damaged and does not load ({_first_line(error)}); "
                               f"{retrain}.") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise CheckpointError(f"{path} was written by an older version of MoMKE, without the "
@@ -97,17 +97,16 @@ def load_checkpoint(path: Path, device: torch.device, *, dataset: str | None = N
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is damaged: {retrain}.")
     if dataset is not None and saved["dataset"] != dataset:
-        raise CheckpointError(f"{path} holds a {saved['dataset']} model, not {dataset}; evaluate "
-                              f"it with {saved['dataset']} data.")
+        raise CheckpointError(f"{path} holds weights of {saved['dataset']}, not of {dataset}; "
+                              f"evaluate it with {saved['dataset']} data.")
     try:
         config = ModelConfig(**{**saved["model_config"],
                                 "input_dims": tuple(saved["model_config"]["input_dims"])})
         model = MoMKE(config)
         model.load_state_dict(saved["model_state"])
     except (TypeError, ValueError, RuntimeError, KeyError) as error:
-        first = str(error).strip().splitlines()[0][:160]
-        raise CheckpointError(f"{path}: its tensors do not match its model config ({first}); "
-                              f"the file is damaged: {retrain}.") from None
+        raise CheckpointError(f"{path}: its tensors do not match its model config "
+                              f"({_first_line(error)}); the file is damaged: {retrain}.") from None
     bad = next((name for name, value in saved["model_state"].items()
                 if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
     if bad is not None:
@@ -137,6 +136,13 @@ def check_data(checkpoint: Checkpoint, dataset: str, features: dict[str, str],
             raise CheckpointError(
                 f"{where}: {features.get(m, m)} features are {dims[m]}-d, but {checkpoint.path} "
                 f"was trained on {fields['dims'][m]}-d ones; use features extracted the same way.")
+
+
+def _first_line(error: BaseException) -> str:
+    """The informative line of an error: torch's state-dict errors open with a header line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if not line.endswith(":")), lines[0] if lines else "")
+    return (detail or type(error).__name__)[:160]
 
 
 def _flag(m: str) -> str:

@@ -151,7 +151,7 @@ def test_a_checkpoint_of_another_dataset_is_refused(runs, tmp_path, capsys):
     other = _run(runs, "IEMOCAPSix", "fixed-tv") / "checkpoint_fold1.pt"
     shutil.copy(other, folder / "checkpoint_fold1.pt")
     line = _refusal(capsys, [str(folder), "--test-condition", "a"])
-    assert "IEMOCAPSix model, not CMUMOSI" in line
+    assert "weights of IEMOCAPSix, not of CMUMOSI" in line
 
 
 def test_a_run_without_checkpoints_says_how_to_retrain(tiny_root, tmp_path, capsys):

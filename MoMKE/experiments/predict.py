@@ -47,6 +47,10 @@ def load_data(root: Path, checkpoint: Checkpoint) -> tuple[MultimodalDataset, bo
     features = checkpoint.fields["features"]
     if (root / MANIFEST).is_file():
         return load_manifest(root, spec, features), False
+    if not (root / spec.folder / spec.label_file).is_file():
+        raise Refused(f"{root} holds neither {MANIFEST} nor {spec.folder}/{spec.label_file}; for "
+                      f"features of your own write {root / MANIFEST} (columns conversation,"
+                      f"utterance) beside features/<feature folder>/ (docs/evaluate.md).")
     return load_dataset(spec.name, root, features), True
 
 
