@@ -18,7 +18,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 from tqdm import tqdm
 
 from dataloader.batch import Batch, BatchBuilder

@@ -44,7 +44,8 @@ WEIGHTS_NOTE = ("weights: the checkpoint's epoch (best-on-validation; the last e
 
 
 class Refused(ValueError):
-    """A run that cannot be evaluated; the message is one sentence naming it and what to do."""
+    """A run that cannot be evaluated, or data it cannot predict; the message is one sentence
+    naming the run, file or flag and what to do."""
 
 
 @dataclass

@@ -27,6 +27,7 @@ from dataloader.gcnet import MultimodalDataset, load_dataset
 from dataloader.manifest import MANIFEST, load_manifest, present_modalities
 from MoMKE.checkpoint import Checkpoint, CheckpointError, check_data, load_checkpoint
 from MoMKE.evaluation import Evaluator
+from MoMKE.experiments.evaluate import Refused
 from MoMKE.model import MODALITIES
 from MoMKE.protocols import MissingSetting, parse_condition, parse_rate
 from MoMKE.runlog import read_result, setup_console_logging
@@ -34,10 +35,6 @@ from MoMKE.runtime import resolve_device
 from MoMKE.selection import RULE_LABELS
 
 log = logging.getLogger("MoMKE")
-
-
-class Refused(ValueError):
-    """What cannot be predicted, in one sentence."""
 
 
 def load_data(root: Path, checkpoint: Checkpoint) -> tuple[MultimodalDataset, bool]:
