@@ -36,3 +36,15 @@ def tiny_config(root: Path, output: Path, **overrides):
                   device="cpu", output_dir=str(output))
     values.update(overrides)
     return TrainConfig(**values).resolved()
+
+
+def report_tables(output: Path, out: Path) -> dict[str, str]:
+    """The report's files for the runs below `output`, with the git commit each table names left
+    out: a worker process reads it when it starts, so a commit made while the tests run would
+    differ from an in-process sweep's without any number differing (the computing code's version
+    stays in)."""
+    import re
+    from MoMKE.results.report import write_report
+    return {p.name: re.sub(r"Code version\(s\): git .*?, computing code",
+                           "Code version(s): git <commit>, computing code", p.read_text())
+            for p in write_report([output], out, plots=False)}

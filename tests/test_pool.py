@@ -13,17 +13,12 @@ import pytest
 import torch
 
 from MoMKE.experiments import pool, sweep
-from MoMKE.results.report import write_report
 from MoMKE.runlog import read_result
-from tests.conftest import tiny_config
+from tests.conftest import report_tables, tiny_config
 
 # A seed's two fixed conditions share a stage 1; the rate trains its own.
 SWEEP = dict(test_condition=["a", "atv"], missing_rate=[0.5], epochs=12, stage_epochs=4,
              hidden=8, depth=1, threads=1)
-
-
-def _tables(output, out) -> dict[str, str]:
-    return {p.name: p.read_text() for p in write_report([output], out, plots=False)}
 
 
 @pytest.mark.slow
@@ -33,8 +28,8 @@ def test_two_workers_give_the_in_process_tables_and_share_stage1(tiny_root, tmp_
     runs = sweep.plan(tiny_config(tiny_root, tmp_path / "pool", **SWEEP), [3])
     summary = pool.run_in_pool(runs, jobs=2, threads=1)
     assert [r.label for r in summary.trained] == [r.label for r in runs] and not summary.failed
-    assert _tables(tmp_path / "pool", tmp_path / "r1") == _tables(tmp_path / "local",
-                                                                  tmp_path / "r2")
+    assert report_tables(tmp_path / "pool", tmp_path / "r1") == \
+        report_tables(tmp_path / "local", tmp_path / "r2")
     for run in runs:  # the fixed runs waited for their stage-1 task and reused it
         assert read_result(run.folder)["stage1_reused"] == [run.setting.protocol == "fixed"]
     again = pool.run_in_pool(runs, jobs=2, threads=1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import secrets
 import signal
 import socket
@@ -24,10 +23,9 @@ import torch
 
 from MoMKE.experiments import sweep
 from MoMKE.experiments.ray_executor import run_on_ray
-from MoMKE.results.report import write_report
 from MoMKE.runlog import read_result
 from MoMKE.runner import torch_threads
-from tests.conftest import tiny_config
+from tests.conftest import report_tables, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_CLI = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]  # `ray`, any PATH
@@ -41,22 +39,13 @@ def _runs(tiny_root: Path, output: Path) -> list[sweep.RunSpec]:
     return sweep.plan(tiny_config(tiny_root, output, **SWEEP), SEEDS)
 
 
-def _tables(output: Path, out: Path) -> dict[str, str]:
-    """The report's files, with the git commit each table names left out: a worker process
-    reads it when it starts, so a commit made while these tests run would differ from the
-    local sweep's without any number differing (the computing code's version stays in)."""
-    return {p.name: re.sub(r"Code version\(s\): git .*?, computing code",
-                           "Code version(s): git <commit>, computing code", p.read_text())
-            for p in write_report([output], out, plots=False)}
-
-
 @pytest.fixture(scope="module")
 def local_tables(tiny_root, tmp_path_factory) -> dict[str, str]:
     """The tables of the in-process executor: what every Ray sweep below must reproduce."""
     output = tmp_path_factory.mktemp("local")
     summary = sweep.run_locally(_runs(tiny_root, output))
     assert len(summary.trained) == 6 and not summary.failed
-    return _tables(output, tmp_path_factory.mktemp("local_report"))
+    return report_tables(output, tmp_path_factory.mktemp("local_report"))
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +111,7 @@ def test_a_sweep_joins_a_head_by_address(ray_module, tiny_root, tmp_path, local_
         subprocess.run(RAY_CLI + ["stop"], env=env, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sweep finished" in done.stdout and "6 trained" in done.stdout
-    assert _tables(tmp_path / "saved", tmp_path / "report") == local_tables
+    assert report_tables(tmp_path / "saved", tmp_path / "report") == local_tables
     with pytest.raises(OSError):  # the head is gone
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
@@ -134,7 +123,7 @@ def test_a_ray_sweep_gives_the_local_tables_and_resumes(ray_instance, tiny_root,
     summary = run_on_ray(runs, cpus_per_run=1)
     assert [r.label for r in summary.trained] == [r.label for r in runs]
     assert not summary.failed and not summary.skipped
-    assert _tables(tmp_path / "saved", tmp_path / "report") == local_tables
+    assert report_tables(tmp_path / "saved", tmp_path / "report") == local_tables
     # Fixed runs waited for their seed's stage-1 task and reused it; the rate trained its own.
     for run in runs:
         reused = read_result(run.folder)["stage1_reused"]
@@ -188,7 +177,7 @@ def test_a_killed_worker_is_retried_and_the_table_is_whole(ray_instance, tiny_ro
     print("\n".join(killed), summary.report(), sep="\n")
     assert len(killed) == 1, "a run task should have been killed while it trained"
     assert not summary.failed and len(summary.trained) == len(runs)
-    assert _tables(tmp_path / "saved", tmp_path / "report") == local_tables
+    assert report_tables(tmp_path / "saved", tmp_path / "report") == local_tables
 
 
 @pytest.mark.slow
