@@ -115,19 +115,23 @@ def test_a_failed_force_retrain_leaves_the_earlier_result_intact(tiny_root, tmp_
 
 
 def test_a_killed_force_retrain_leaves_the_earlier_result_intact(tiny_root, tmp_path):
-    assert _train(tiny_root, tmp_path) == 0
+    # The same run retrained (the same identity, so into the same folder), killed once its
+    # attempt has logged an epoch and long before it could finish.
+    assert _train(tiny_root, tmp_path, "--epochs", "60") == 0
     folder = next((tmp_path / "CMUMOSI").iterdir())
     before = (folder / "result.json").read_bytes()
     command = [sys.executable, "-m", "MoMKE.train", "--dataset", "CMUMOSI", "--data-root",
-               str(tiny_root), "--output-dir", str(tmp_path), *TINY[:-1], "400", "--force"]
+               str(tiny_root), "--output-dir", str(tmp_path), *TINY[:-1], "60", "--force"]
     process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     attempt = folder.with_name(folder.name + ".attempt") / "epochs.jsonl"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (attempt.is_file() and attempt.stat().st_size):
-        time.sleep(0.1)
+        time.sleep(0.05)
+    seen = attempt.is_file() and attempt.stat().st_size > 0
     process.kill()
     process.wait()
+    assert seen, "the retrain never logged an epoch into its attempt folder"
     assert (folder / "result.json").read_bytes() == before
     assert (folder / "checkpoint_fold1.pt").is_file()
 
