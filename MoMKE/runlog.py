@@ -58,8 +58,8 @@ log = logging.getLogger("MoMKE")
 # changes float rounding only (docs/runs.md), not the experiment.
 _NOT_IN_IDENTITY = ("test_condition", "missing_rate", "data_root", "device", "threads",
                     "output_dir", "save_checkpoint", "reuse_stage1", "force", "config")
-VARIANT_FIELDS = ("ablation", "train_missing")
-EVALUATIONS = "evaluations.json"  # written by MoMKE/experiments/evaluate.py, read by the report  # what tells MoMKE, its ablations and unified apart
+VARIANT_FIELDS = ("ablation", "train_missing")  # what tells MoMKE, its ablations and unified apart
+EVALUATIONS = "evaluations.json"  # written by MoMKE/experiments/evaluate.py, read by the report
 
 
 class RunLocked(RuntimeError):
@@ -114,6 +114,20 @@ def read_result(folder: Path, identity: dict | None = None) -> dict | None:
     if identity is not None and result.get("identity_hash") != identity_hash(identity):
         return None
     return result
+
+
+def read_evaluations(folder: Path) -> dict[str, dict]:
+    """The evaluations kept in a run folder's evaluations.json (key -> entry); {} when there are
+    none or the file does not parse."""
+    try:
+        with open_regular(folder / EVALUATIONS) as handle:  # a pipe there would block
+            stored = json.loads(handle.read())
+        entries = stored["evaluations"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    return {key: entry for key, entry in entries.items() if isinstance(entry, dict)}
 
 
 class RunLock:

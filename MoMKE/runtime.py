@@ -152,14 +152,14 @@ def peak_memory(device: torch.device) -> dict[str, float | str]:
 # data (`READING_MODULES`; not atomic.py, which only writes files, nor synthetic.py, whose output
 # the data fingerprint covers, nor manifest.py, which only `python -m MoMKE.predict` reads);
 # MoMKE/: the model, token layout, protocols, metrics, selection, the evaluation pass, training,
-# one run, the configuration, the stage-1 cache, the memory check before a run, the checkpoint it
-# writes, this module and the command that runs them; of runlog.py only the run identity (the
+# one run, the configuration, the stage-1 cache, the checkpoint it writes, this module and the
+# command that runs them (not memory.py, which only refuses a run before it starts); of runlog.py only the run identity (the
 # rest writes files, locks and logs). Not covered: MoMKE/experiments/ and MoMKE/results/ (they
 # plan, schedule, evaluate saved runs or present them) and the thin entry points that call them.
 _COMPUTES: dict[str, tuple[str, ...] | None] = {  # path -> top-level names kept, None: all
     **{f"dataloader/{name}.py": None for name in READING_MODULES},
     **{f"MoMKE/{name}.py": None for name in ("checkpoint", "config", "evaluation", "layout",
-                                               "memory", "metrics", "model", "protocols",
+                                               "metrics", "model", "protocols",
                                                "runner", "runtime", "selection", "stage1_cache",
                                                "train", "trainer")},
     "MoMKE/runlog.py": ("_NOT_IN_IDENTITY", "VARIANT_FIELDS", "_digest", "run_identity",
@@ -168,6 +168,7 @@ _COMPUTES: dict[str, tuple[str, ...] | None] = {  # path -> top-level names kept
 _NOT_COMPUTING = frozenset({"dataloader/__init__.py", "dataloader/atomic.py",
                             "dataloader/manifest.py", "dataloader/synthetic.py",
                             "MoMKE/__init__.py", "MoMKE/bench.py", "MoMKE/evaluate.py",
+                            "MoMKE/memory.py",
                             "MoMKE/parity.py", "MoMKE/predict.py", "MoMKE/report.py",
                             "MoMKE/sweep.py"})
 

@@ -13,7 +13,6 @@ chosen on the very test set an evaluation would score. docs/evaluate.md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -32,7 +31,8 @@ from MoMKE.checkpoint import Checkpoint, CheckpointError, check_data, load_check
 from MoMKE.evaluation import Evaluator
 from MoMKE.protocols import CONDITIONS, RATES, MissingSetting, parse_condition, parse_rate, \
     settings_from
-from MoMKE.runlog import EVALUATIONS, read_result, setup_console_logging, write_json
+from MoMKE.runlog import (EVALUATIONS, read_evaluations, read_result,
+                          setup_console_logging, write_json)
 from MoMKE.runtime import code_version, resolve_device
 from MoMKE.selection import RULE_LABELS
 
@@ -122,7 +122,7 @@ def evaluate_run(folder: Path, settings: Sequence[MissingSetting], *, split: str
         raise Refused(str(error)) from None
     for checkpoint in checkpoints:
         check_data(checkpoint, data.spec.name, data.feature_names, data.dims, str(data.root))
-    stored = _read_evaluations(folder)
+    stored = read_evaluations(folder)
     builder = loaded.builder(data, device)
     evaluations, changed = [], False
     for setting in settings:
@@ -200,24 +200,11 @@ def _evaluate(checkpoints: list[Checkpoint], data: MultimodalDataset, builder: B
             "evaluated": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _read_evaluations(folder: Path) -> dict:
-    try:
-        stored = json.loads((folder / EVALUATIONS).read_text())
-    except (OSError, ValueError):
-        return {}
-    return stored.get("evaluations", {}) if isinstance(stored, dict) else {}
-
-
 def _write_evaluations(folder: Path, evaluations: dict) -> None:
     # Another process may have added evaluations since we read: keep theirs too.
-    merged = {**_read_evaluations(folder), **evaluations}
+    merged = {**read_evaluations(folder), **evaluations}
     write_json(folder / EVALUATIONS, {"run": folder.name, "evaluations": dict(sorted(
         merged.items()))})
-
-
-def read_evaluations(folder: Path) -> dict:
-    """The evaluations kept in a run folder (key -> entry); {} when there are none."""
-    return _read_evaluations(folder)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dataloader.atomic import CannotWrite, write_atomic
+from dataloader.batch import BatchBuilder
 from dataloader.datasets import DataError, get_spec
 from dataloader.gcnet import MultimodalDataset, load_dataset
 from dataloader.manifest import MANIFEST, load_manifest, present_modalities
@@ -79,7 +80,6 @@ def predict_rows(checkpoint: Checkpoint, data: MultimodalDataset, setting: Missi
                  splits: dict[str, list[int]], device: torch.device, *,
                  labelled: bool) -> list[dict]:
     """One dict per utterance of `splits`, in split and conversation order."""
-    from dataloader.batch import BatchBuilder
     fields, spec = checkpoint.fields, data.spec
     fold = fields["fold"] - 1 if labelled else 0
     evaluator = Evaluator(data, fold, BatchBuilder(data, device), seed=fields["seed"],

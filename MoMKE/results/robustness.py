@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from MoMKE.protocols import CONDITIONS, RATES
 from MoMKE.results.render import markdown_table
 from MoMKE.results.rows import METRIC_NAMES, variant
 from MoMKE.results.uncertainty import fold_mean_replicates
-from MoMKE.runlog import EVALUATIONS
+from MoMKE.runlog import read_evaluations
 
 HEADLINE = {"regression": "acc2", "classification": "wa"}
 COLUMNS = {"conditions": [f"fixed-{c}" for c in CONDITIONS],
@@ -56,7 +55,7 @@ def robustness_matrices(dataset: str, results: list[dict], *,
         if not result.get("folder") or not (variant(result) == "MoMKE"
                                             or variant(result).startswith("unified")):
             continue
-        for entry in _evaluations(Path(result["folder"])):
+        for entry in read_evaluations(Path(result["folder"])).values():
             if entry.get("split") != "test" or entry.get("identity_hash") != result.get(
                     "identity_hash"):
                 continue
@@ -77,14 +76,6 @@ def robustness_matrices(dataset: str, results: list[dict], *,
             if matrix.cells:
                 matrices.append(matrix)
     return matrices
-
-
-def _evaluations(folder: Path) -> list[dict]:
-    try:
-        stored = json.loads((folder / EVALUATIONS).read_text())
-        return [e for e in stored["evaluations"].values() if isinstance(e, dict)]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return []
 
 
 def _cell(entries: list[dict], metric: str, regression: bool,
