@@ -108,8 +108,7 @@ def _dropout(p: float, config: ModelConfig) -> nn.Dropout:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention within each conversation, masked, with no output projection
-    (SPEC §4.2)."""
+    """Multi-head self-attention within each conversation, masked, with no output projection."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
