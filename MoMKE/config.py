@@ -17,14 +17,14 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from dataloader.datasets import DATASETS, DEFAULT_FEATURES, get_spec
+from dataloader.datasets import DATASETS, DEFAULT_FEATURES, PaperSettings, get_spec
 from MoMKE.protocols import parse_condition, parse_rate
 
 ABLATIONS = ("no-stage1", "uniform-router", "self-experts", "frozen-experts")  # see the end
 
-# The paper's scripts, per dataset: (batch size, epochs, of which stage 1) — SPEC §7.
-PAPER_SCHEDULE = {"CMUMOSI": (32, 300, 150), "CMUMOSEI": (32, 100, 50),
-                  "IEMOCAPFour": (16, 200, 100), "IEMOCAPSix": (16, 200, 100)}
+# The fields whose default is the paper's value for the chosen dataset, from its record in the
+# dataset table (`DatasetSpec.paper`); left unset, `resolved` fills them.
+PAPER_FIELDS = tuple(f.name for f in dataclasses.fields(PaperSettings))
 
 
 # Default --chunk-utterances: float32 runs fastest with small chunks on the CPU, bfloat16 matrix
@@ -84,15 +84,12 @@ class TrainConfig:
         NOT_STAGE1,
         "random protocol: comma list of missing rates in [0, 0.7]; one model each")
     # schedule and optimiser
-    epochs: int | None = _option(NOT_STAGE1, "total epochs, stage 1 included (default: the "
-                                 "paper's for the dataset: MOSI 300, MOSEI 100, IEMOCAP 200)")
+    epochs: int | None = _option(NOT_STAGE1, "total epochs, stage 1 included")
     stage_epochs: int | None = _option(STAGE1, "epochs of stage 1, unimodal expert training; 0 "
-                                       "skips it (default: the paper's, half of the paper's "
-                                       "epochs, or half of --epochs when that is given)")
-    batch_size: int | None = _option(STAGE1, "conversations per batch (default: the paper's: "
-                                     "CMU 32, IEMOCAP 16)")
-    lr: float = _option(STAGE1, "Adam learning rate, both stages", default=1e-4)
-    l2: float = _option(STAGE1, "Adam weight decay, both stages", default=1e-5)
+                                       "skips it (half of --epochs when only that is given)")
+    batch_size: int | None = _option(STAGE1, "conversations per batch")
+    lr: float | None = _option(STAGE1, "Adam learning rate, both stages")
+    l2: float | None = _option(STAGE1, "Adam weight decay, both stages")
     chunk_utterances: int | None = _option(
         STAGE1,
         "largest number of utterances run through the model at once: a batch with more is "
@@ -100,11 +97,11 @@ class TrainConfig:
         "same update, less memory; 0: the whole batch at once; default on the CPU: 256, or 1024 "
         "with --amp, whose bfloat16 matrix products need larger blocks to run at speed; on a "
         "GPU: 0)")
-    expert_handover: str = _option(
+    expert_handover: str | None = _option(
         STAGE1,
         "stage-1 weights stage 2 starts from: best (each modality's best stage-1 epoch, the "
         "paper's intent) or last (what the released code effectively does)",
-        default="best", choices=["best", "last"])
+        choices=["best", "last"])
     select_from: str = _option(
         STAGE1,
         "epochs the selection rules choose among: stage2 (the fused model's epochs, the default) "
@@ -128,13 +125,12 @@ class TrainConfig:
         "knowledge); frozen-experts (experts keep their stage-1 weights in stage 2)",
         default="none", choices=["none", *ABLATIONS])
     # model
-    hidden: int = _option(STAGE1, "hidden size D", default=256)
-    depth: int = _option(STAGE1, "layers per expert", default=4)
-    num_heads: int = _option(STAGE1, "attention heads per expert layer", default=2)
-    mlp_ratio: float = _option(STAGE1, "expert MLP width as a multiple of D", default=1.0)
-    drop_rate: float = _option(STAGE1, "dropout of projections, MLPs, routers and fusion",
-                               default=0.5)
-    attn_drop_rate: float = _option(STAGE1, "dropout of attention weights", default=0.0)
+    hidden: int | None = _option(STAGE1, "hidden size D")
+    depth: int | None = _option(STAGE1, "layers per expert")
+    num_heads: int | None = _option(STAGE1, "attention heads per expert layer")
+    mlp_ratio: float | None = _option(STAGE1, "expert MLP width as a multiple of D")
+    drop_rate: float | None = _option(STAGE1, "dropout of projections, MLPs, routers and fusion")
+    attn_drop_rate: float | None = _option(STAGE1, "dropout of attention weights")
     bit_dropout: bool = _option(
         STAGE1,
         "CPU dropout masks from random bits (MoMKE/model.py BitDropout): the same Bernoulli keep "
@@ -193,7 +189,10 @@ class TrainConfig:
             raise ConfigError(f"{' and '.join(given)} {'list' if len(given) > 1 else 'lists'} "
                               f"nothing to run; give at least one condition (e.g. "
                               f"--test-condition atv) or rate (e.g. --missing-rate 0.3).")
-        batch, epochs, stage = PAPER_SCHEDULE[self.dataset]
+        paper = get_spec(self.dataset).paper
+        unset = {name: getattr(paper, name) for name in PAPER_FIELDS
+                 if getattr(self, name) is None}
+        epochs, stage = paper.epochs, paper.stage_epochs
         if self.epochs is not None:
             epochs, stage = self.epochs, self.epochs // 2
         if self.stage_epochs is not None:
@@ -203,11 +202,10 @@ class TrainConfig:
         if chunk is None:
             chunk = CUDA_CHUNK_UTTERANCES if _on_cuda(self.device) else \
                 AMP_CHUNK_UTTERANCES if self.amp else CHUNK_UTTERANCES
-        out = dataclasses.replace(self, test_condition=conditions, missing_rate=rates,
-                                  epochs=epochs, stage_epochs=stage,
-                                  batch_size=batch if self.batch_size is None else self.batch_size,
-                                  chunk_utterances=chunk,
-                                  **official)
+        out = dataclasses.replace(self, **{**unset, "test_condition": conditions,
+                                           "missing_rate": rates, "epochs": epochs,
+                                           "stage_epochs": stage, "chunk_utterances": chunk,
+                                           **official})
         out._check()
         return out
 
@@ -325,10 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{help_text} (default: {'on' if spec.default else 'off'})")
             continue
-        if spec.default is not None:
+        if spec.name in PAPER_FIELDS:
+            help_text += f" (default: {_paper_values(spec.name)})"
+        elif spec.default is not None:
             help_text += f" (default: {spec.default})"
         parser.add_argument(flag, default=None, help=help_text, **meta)
     return parser
+
+
+def _paper_values(name: str) -> str:
+    """The paper's value of field `name` for the help text: one value, or one per dataset."""
+    values = {dataset: getattr(spec.paper, name) for dataset, spec in DATASETS.items()}
+    if len(set(values.values())) == 1:
+        return f"the paper's, {next(iter(values.values()))}"
+    return "the paper's: " + ", ".join(f"{d} {v}" for d, v in values.items())
 
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:

@@ -175,7 +175,7 @@ def _read_features(spec: DatasetSpec, labels: LabelSet, label_path: Path,
     """The feature arrays, and the fingerprint of the bytes they were read from."""
     utterance_ids = [u for ids in labels.utterance_ids for u in ids]
     # IEMOCAP: prefix lookup and the speaker's own face, as GCNet reads it.
-    speakers = [s for spk in labels.speakers for s in spk] if spec.num_folds > 1 else None
+    speakers = [s for spk in labels.speakers for s in spk] if spec.session_folds else None
     arrays: dict[str, np.ndarray] = {}
     with open_regular(label_path) as handle:
         parts = {"labels": hashlib.sha256(handle.read()).hexdigest()}

@@ -173,7 +173,7 @@ def _checked_labels(per_conversation: list[np.ndarray], spec: DatasetSpec, path:
 
 def _folds(spec: DatasetSpec, conversation_ids: tuple[str, ...], splits: list[tuple[int, ...]],
            path: Path) -> tuple[Fold, ...]:
-    if spec.num_folds == 1:
+    if not spec.session_folds:
         train, val, test = splits
         return (Fold("official split", train, val, test),)
     sessions: dict[str, list[int]] = {}

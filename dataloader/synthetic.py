@@ -72,7 +72,7 @@ def generate(dataset: str, out: Path, *, seed: int = 0, scale: float = 1.0,
     if labels is not None:
         given = read_label_file(labels, spec)
         label_sets = {spec.name: _from_label_set(given, spec)}
-    elif spec.num_folds > 1:
+    elif spec.session_folds:
         label_sets = _iemocap(rng, scale)
     else:
         label_sets = {spec.name: _cmu(rng, spec, scale)}
@@ -188,7 +188,7 @@ def _iemocap(rng: np.random.Generator, scale: float) -> dict[str, Conversations]
 def _from_label_set(given, spec: DatasetSpec) -> Conversations:
     ids = list(given.conversation_ids)
     names = ("train", "val", "test") if spec.has_validation else ("train", "test")
-    if spec.num_folds == 1:
+    if not spec.session_folds:
         fold = given.folds[0]
         splits = [{ids[i] for i in getattr(fold, n)} for n in names]
     else:  # IEMOCAP files name a train/test split; keep it (session 5 is the official test set)
@@ -239,7 +239,7 @@ def _write_features(root: Path, conversations: Conversations, spec: DatasetSpec,
         features[m] = (latent @ mixing + style[conversation_of] + noise).astype(np.float32)
     utterance_ids = [u for us in conversations.utterances for u in us]
     speakers = [s for ss in conversations.speakers for s in ss]
-    iemocap = spec.num_folds > 1
+    iemocap = spec.session_folds
     for m in MODALITIES:
         folder = root / "features" / DEFAULT_FEATURES[m]
         folder.mkdir(parents=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dataloader.datasets import get_spec
 from MoMKE.experiments.bench import _cost, at_matmul_peak, measured_epochs, projected_seconds
 from MoMKE.experiments.throughput import counted_flops, model_flops
 from MoMKE.model import MODALITIES, ModelConfig, MoMKE, TokenLayout
@@ -81,15 +82,15 @@ def test_compilation_counts_once_in_every_projection_and_not_in_the_floors():
 
 
 def test_the_mode_table_has_one_row_per_mode_with_the_official_ratios():
-    from MoMKE.experiments.bench import OFFICIAL, compare
+    from MoMKE.experiments.bench import compare
     cost = lambda seconds: {"seconds": seconds, "flops": 1e9}  # noqa: E731
     base = {"dataset": "CMUMOSI", "stage1": cost(0.36), "stage2": {c: cost(0.9) for c in CONDITIONS},
             "random": {"0.7": {"stage1": cost(0.3), "stage2": cost(0.8)}}, "stage_epochs": 150,
             "epochs": 300, "folds": 1, "peak_memory": {"peak_memory_mb": 700.0}}
     lines = compare([{**base, "mode": "fp32"}, {**base, "mode": "amp", "compile_seconds": 30.0}])
     assert len(lines) == 5 and lines[3].startswith("| fp32 |") and "| 30 s |" in lines[4]
-    official = OFFICIAL["CMUMOSI"]
-    assert f"x{official['stage1'] / 0.36:.1f} / x{official['stage2'] / 0.9:.1f}" in lines[3]
+    official = get_spec("CMUMOSI").official_seconds
+    assert f"x{official.stage1 / 0.36:.1f} / x{official.stage2 / 0.9:.1f}" in lines[3]
 
 
 def test_a_late_recompilation_lands_in_the_excess_not_in_the_steady_epoch():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataloader.datasets import get_spec
 from MoMKE.experiments import pool, sweep
 from MoMKE.runlog import read_result
 from tests.conftest import report_tables, tiny_config
@@ -52,7 +53,7 @@ def test_default_jobs_follow_the_cores_and_half_the_memory(monkeypatch):
     assert pool.default_jobs("CMUMOSI", cpu, threads=4)[0] == 4
     monkeypatch.setattr(pool, "machine_memory_bytes", lambda: 4 * 2**30)
     jobs, why = pool.default_jobs("CMUMOSEI", cpu)
-    assert jobs == int(0.5 * 4 / pool.PEAK_MEMORY_GB["CMUMOSEI"]) and "half of 4 GB" in why
+    assert jobs == int(0.5 * 4 / get_spec("CMUMOSEI").peak_memory_gb) and "half of 4 GB" in why
     monkeypatch.setattr(pool, "available_cores", lambda: 1)
     assert pool.default_jobs("CMUMOSI", cpu)[0] == 1
 

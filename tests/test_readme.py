@@ -2,6 +2,7 @@
 its links, short run-script headers, and a quick start that runs."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dataloader.datasets import get_spec
 from MoMKE.config import build_parser
 from MoMKE.runtime import cpu_has_bf16
 
@@ -78,6 +80,20 @@ def test_run_script_header_is_at_most_15_lines(script):
     assert lines[0].startswith("#!")
     header = list(itertools.takewhile(lambda line: line.startswith("#"), lines[1:]))
     assert header and len(header) <= 15, f"{script.name}: {len(header)} header lines"
+
+
+@pytest.mark.parametrize("script", RUN_SCRIPTS, ids=lambda path: path.name)
+def test_run_script_holds_the_papers_hyperparameters_of_its_dataset(script):
+    """Each script is at most 30 lines: its header, its block of editable values, one shared body;
+    the values are the paper's for its dataset, as the dataset table records them."""
+    text = script.read_text()
+    assert len(text.splitlines()) <= 30 and text.rstrip().endswith(". scripts/run_study.sh")
+    dataset = re.search(r"^DATASET=(\w+)$", text, re.M).group(1)
+    values = dict(re.findall(r"^([A-Z_0-9]+)=\$\{\1:-([^}]*)\}$", text, re.M))
+    paper = dataclasses.asdict(get_spec(dataset).paper)
+    paper.pop("mlp_ratio"), paper.pop("expert_handover")  # the sweep's defaults; not in scripts
+    assert {name.lower(): float(value) for name, value in values.items() if name != "SEEDS"} \
+        == {name: float(value) for name, value in paper.items()}
 
 
 @pytest.mark.slow

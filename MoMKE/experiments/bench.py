@@ -46,7 +46,7 @@ from dataloader.batch import BatchBuilder
 from dataloader.datasets import get_spec
 from dataloader.gcnet import load_dataset
 from dataloader.synthetic import generate
-from MoMKE.config import PAPER_SCHEDULE, TrainConfig
+from MoMKE.config import TrainConfig
 from MoMKE.experiments.throughput import matmul_throughput, model_flops, step_operations
 from MoMKE.model import MODALITIES, MoMKE
 from MoMKE.protocols import CONDITIONS, RATES, MissingSetting
@@ -54,11 +54,6 @@ from MoMKE.runtime import bf16_supported, peak_memory, resolve_device
 from MoMKE.runner import as_run_on, run
 from MoMKE.trainer import FoldTrainer
 
-# The official implementation on this machine kind (2 cores, no GPU), from the speed issues:
-# seconds per epoch (stage 1, stage 2 atv) and hours for the seven-condition table at paper
-# epochs. CMU-MOSI epochs: the bf16 issue's measurement, back to back with this project's.
-OFFICIAL = {"CMUMOSI": {"stage1": 1.44, "stage2": 3.6, "table_hours": 1.3},
-            "IEMOCAPFour": {"stage1": 3.3, "stage2": 8.6, "table_hours": 11.5}}
 MODES = {"fp32": {}, "amp": {"amp": True}, "compile": {"compile": True},
          "amp+compile": {"amp": True, "compile": True}}
 BENCH_RATES = (0.3, 0.7)  # measured; other rates interpolate linearly (0.0 is condition atv)
@@ -143,7 +138,8 @@ def measure(dataset: str, data_root: Path, device: torch.device, epochs: int,
     the first, as in a sweep; two missing rates train their own. Per run, what it costs beyond
     its epochs (folder, checkpoints, predictions, stage-1 cache) is its overhead."""
     data = load_dataset(dataset, data_root)
-    batch, total, stage_epochs = PAPER_SCHEDULE[dataset]
+    paper = get_spec(dataset).paper
+    batch, total, stage_epochs = paper.batch_size, paper.epochs, paper.stage_epochs
     bf16 = bf16_supported(device)
     settings = [MissingSetting("fixed", condition=c) for c in ("atv", *CONDITIONS[:-1])] + \
         [MissingSetting("random", rate=r) for r in BENCH_RATES]
@@ -337,11 +333,12 @@ def summarise(m: dict) -> list[str]:
 
 def _official(m: dict) -> tuple[dict | None, str]:
     """The official code's seconds per epoch (stage 1, stage 2 atv): measured in this run when
-    --official-code was given, else the figures quoted from the speed issues."""
+    --official-code was given, else the figures measured earlier (the dataset table)."""
     if m.get("official"):
         return m["official"], f"measured in this run, {m['official']['threads']} thread(s)"
-    quoted = OFFICIAL.get(m["dataset"])
-    return quoted, "quoted from the speed issues, same machine kind, another day"
+    quoted = get_spec(m["dataset"]).official_seconds
+    return (None if quoted is None else dataclasses.asdict(quoted),
+            "measured earlier on the same machine kind (docs/precision-and-speed.md)")
 
 
 def compare(figures: list[dict]) -> list[str]:
@@ -382,13 +379,15 @@ def measure_official(checkout: Path, dataset: str, data_root: Path, device: torc
     official.check_dependencies(found.path)
     names = feature_names_from()
     official.check_data(data_root, dataset, names)
-    batch = PAPER_SCHEDULE[dataset][0]
+    paper = get_spec(dataset).paper
     with tempfile.TemporaryDirectory() as folder:
         copy = official.prepare(found, Path(folder), data_root)
         argv = official.command(dataset=dataset, condition="atv", seed=66,
                                 epochs=2 * (1 + epochs), stage_epochs=1 + epochs,
-                                batch_size=batch, lr=1e-4, l2=1e-5, hidden=256, depth=4,
-                                num_heads=2, drop_rate=0.5, attn_drop_rate=0.0,
+                                batch_size=paper.batch_size, lr=paper.lr, l2=paper.l2,
+                                hidden=paper.hidden, depth=paper.depth,
+                                num_heads=paper.num_heads, drop_rate=paper.drop_rate,
+                                attn_drop_rate=paper.attn_drop_rate,
                                 feature_names=names, device=str(device))
         done = official.run(copy, argv, Path(folder) / "official.log",
                             regression=get_spec(dataset).is_regression, stage_epochs=1 + epochs,

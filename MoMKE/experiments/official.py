@@ -128,10 +128,8 @@ def prepare(checkout: OfficialCheckout, into: Path, data_root: Path) -> Path:
     shutil.copytree(checkout.path, copy, ignore=shutil.ignore_patterns(
         ".git", "__pycache__", "saved", "*.pyc", "*.pth"))
     data_root = data_root.resolve()
-    folders = {"CMUMOSI": "CMUMOSI", "CMUMOSEI": "CMUMOSEI", "IEMOCAPSix": "IEMOCAP",
-               "IEMOCAPFour": "IEMOCAP"}
-    features = {key: str(data_root / folders[key] / "features") for key in DATASET_KEYS}
-    labels = {key: str(data_root / folders[key] / get_spec(key).label_file)
+    features = {key: str(data_root / get_spec(key).folder / "features") for key in DATASET_KEYS}
+    labels = {key: str(data_root / get_spec(key).folder / get_spec(key).label_file)
               for key in DATASET_KEYS}
     saved = (into / "official-saved").resolve()
     with (copy / "config.py").open("a") as handle:

@@ -269,7 +269,7 @@ def tables(config: TrainConfig, seeds: list[int], checkout: official.OfficialChe
            f"{config.drop_rate:g}; seeds {', '.join(map(str, seeds))}"
            + (f"; folds {', '.join(map(str, config.folds))} (the official code was stopped "
               f"after fold {max(config.folds)})" if config.folds else
-              "; all five session folds" if spec.num_folds > 1 else "") + ".",
+              "; all five session folds" if spec.session_folds else "") + ".",
            "- Test split. Official: the epoch it reports (best on test among all epochs, stage 1 "
            "included, the hand-over a no-op). Ours `--official`: the same choices "
            "(`--select-from all --expert-handover last`). Ours by default: best on test among "

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from dataloader.batch import BatchBuilder
+from dataloader.datasets import get_spec
 from dataloader.gcnet import MultimodalDataset, feature_names_from, load_dataset
 from MoMKE import runner, trainer
 from MoMKE.config import TrainConfig
@@ -43,10 +44,8 @@ from MoMKE.runtime import resolve_device
 
 log = logging.getLogger("MoMKE")
 
-# Peak resident memory of one CPU run, in GB (`python -m MoMKE.bench`, synthetic data at the real
-# sizes, float32 and bfloat16 alike within 5 %): what the default number of runs at once keeps
-# within half of the machine's memory.
-PEAK_MEMORY_GB = {"CMUMOSI": 0.75, "IEMOCAPFour": 0.9, "IEMOCAPSix": 1.0, "CMUMOSEI": 1.6}
+# The default number of runs at once keeps their peak memory (one CPU run's: the dataset table's
+# `peak_memory_gb`) within half of the machine's.
 MEMORY_SHARE = 0.5  # of the machine's (or the GPU's) memory that K runs may take together
 CUDA_CONTEXT_BYTES = 600 * 2**20  # what each process's CUDA context takes besides its tensors
 
@@ -91,7 +90,7 @@ def default_jobs(dataset: str, device: torch.device, threads: int = 0,
                       f"{by_memory} runs of {per_run / 2**30:.2f} GB (measured peak plus a CUDA "
                       f"context) in half of it; {cores} CPU cores")
     per_run = max(1, threads)
-    peak = PEAK_MEMORY_GB.get(dataset, max(PEAK_MEMORY_GB.values())) * 2**30
+    peak = get_spec(dataset).peak_memory_gb * 2**30
     by_memory = max(1, int(MEMORY_SHARE * machine_memory_bytes() / peak))
     jobs = max(1, min(cores // per_run, by_memory))
     return jobs, (f"{jobs} run(s) at once with {max(1, cores // jobs)} thread(s) each: {cores} "

@@ -16,9 +16,6 @@ from MoMKE.selection import RULES
 
 # ----------------------------------------------------------------------------- collecting runs
 
-PAPER_HYPERPARAMETERS = {"hidden": 256, "depth": 4, "num_heads": 2, "mlp_ratio": 1.0,
-                         "drop_rate": 0.5, "attn_drop_rate": 0.0, "lr": 1e-4, "l2": 1e-5,
-                         "expert_handover": "best"}
 ABLATION_ORDER = ("MoMKE", "no-stage1", "uniform-router", "self-experts", "frozen-experts")
 Key = tuple[str, str, str]  # dataset, data source, base experiment
 

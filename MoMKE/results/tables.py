@@ -2,12 +2,13 @@
 per epoch-selection rule, and the sections beside them."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from dataloader.datasets import get_spec
-from MoMKE.config import PAPER_SCHEDULE
 from MoMKE.protocols import CONDITIONS
-from MoMKE.results.collect import Key, PAPER_HYPERPARAMETERS
+from MoMKE.results.collect import Key
 from MoMKE.results.intervals import Intervals
 from MoMKE.results.published import published_sources
 from MoMKE.results.render import column_title, format_cell, markdown_table
@@ -121,7 +122,7 @@ def header_lines(key: Key, results: list[dict], mae_corr: str = "all") -> list[s
                                          "definition; --mae-corr nonzero)." if mae_corr ==
                                          "nonzero" else "on all utterances (MMSA's convention; "
                                          "--mae-corr nonzero shows the official definition)."))
-    if get_spec(dataset).num_folds > 1:
+    if get_spec(dataset).session_folds:
         lines.append("IEMOCAP values are means over the five leave-one-session-out folds.")
     differences = hyperparameter_differences(dataset, results[0]["config"])
     lines.append("Hyperparameters different from the paper's: "
@@ -134,14 +135,13 @@ def header_lines(key: Key, results: list[dict], mae_corr: str = "all") -> list[s
 
 
 def hyperparameter_differences(dataset: str, config: dict) -> list[str]:
-    batch, epochs, stage = PAPER_SCHEDULE[dataset]
-    paper = {**PAPER_HYPERPARAMETERS, "batch_size": batch, "epochs": epochs, "stage_epochs": stage}
+    paper = dataclasses.asdict(get_spec(dataset).paper)
     return [f"{name} {config[name]} (paper {value})" for name, value in paper.items()
             if config.get(name) != value]
 
 
 def _fold_lines(results: list[dict], spec) -> list[str]:
-    if spec.num_folds == 1 or not results:
+    if not spec.session_folds or not results:
         return []
     metric = spec.selection_metric
     by_setting: dict[str, list[dict]] = {}
