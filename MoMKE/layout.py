@@ -76,7 +76,7 @@ class TokenLayout:
 
     `observed[m]` (N_m,) are the flat positions b * L + l of the unpadded utterances where m is
     observed, `valid` (N,) those of all unpadded utterances, and `valid_position[m]` (N_m,) the
-    place of each token of m inside `valid`. For the experts, the tokens of m fill `rows[m]` rows
+    place of each token of m inside `valid`. For the experts, the tokens of m fill `row_counts[m]` rows
     of L slots, each conversation's tokens contiguous and in order (see the module docstring for
     the two packings); `slots[m]` (N_m,) is each token's slot r * L + j and `attend[m]`
     (R_m, L, L) says which slots may attend to which (same conversation, real key), None where
@@ -88,7 +88,7 @@ class TokenLayout:
     observed: dict[str, Tensor]
     valid: Tensor
     valid_position: dict[str, Tensor]
-    rows: dict[str, int]
+    row_counts: dict[str, int]
     slots: dict[str, Tensor]
     attend: dict[str, Tensor | None]
     segments: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -107,7 +107,7 @@ class TokenLayout:
             raise ValueError(f"packing {packing!r}: use one of {', '.join(PACKINGS)}.")
         length = padding.shape[1]
         valid = (~padding).reshape(-1).nonzero().squeeze(1)
-        observed, rows, slots, attend, segments = {}, {}, {}, {}, {}
+        observed, row_counts, slots, attend, segments = {}, {}, {}, {}, {}
         packings: dict[tuple[int, ...], tuple[int, Tensor, Tensor]] = {}
         for i, m in enumerate(MODALITIES):
             present = available[..., i] & ~padding  # (B, L)
@@ -117,14 +117,14 @@ class TokenLayout:
             if counts not in packings:  # fixed conditions: every modality packs alike
                 packings[counts] = _pack_rows(counts, length, shared=packing == "shared",
                                               mask=not attends_per_conversation(length))
-            rows[m], start, attend[m] = packings[counts]
+            row_counts[m], start, attend[m] = packings[counts]
             segments[m] = tuple(n for n in counts if n)
             conversation = observed[m] // length
             first = per_conversation.cumsum(0) - per_conversation  # (B,) first token of each
             rank = torch.arange(len(observed[m])) - first[conversation]  # place in its conversation
             slots[m] = start[conversation] + rank
         valid_position = {m: torch.searchsorted(valid, t) for m, t in observed.items()}
-        return cls(padding.shape[0], length, observed, valid, valid_position, rows, slots, attend,
+        return cls(padding.shape[0], length, observed, valid, valid_position, row_counts, slots, attend,
                    segments)
 
     def to(self, device: torch.device) -> TokenLayout:
@@ -134,7 +134,7 @@ class TokenLayout:
         move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
         moved = lambda d: {m: None if t is None else move(t) for m, t in d.items()}  # noqa: E731
         return TokenLayout(self.conversations, self.length, moved(self.observed), move(self.valid),
-                           moved(self.valid_position), dict(self.rows), moved(self.slots),
+                           moved(self.valid_position), dict(self.row_counts), moved(self.slots),
                            moved(self.attend), dict(self.segments))
 
     def count(self, m: str) -> int:
@@ -147,14 +147,14 @@ class TokenLayout:
             return x(self.observed[m])
         return x.reshape(-1, x.shape[-1]).index_select(0, self.observed[m])
 
-    def rows_for(self, modalities: list[str]) -> PackedRows:
+    def packed_rows(self, modalities: list[str]) -> PackedRows:
         """The packed rows of `modalities`, stacked in that order, for their tokens concatenated
         in the same order (built once per layout and tuple of modalities)."""
         key = tuple(modalities)
         if key not in self._stacked:
             offsets = [0]
             for m in modalities:
-                offsets.append(offsets[-1] + self.rows[m])
+                offsets.append(offsets[-1] + self.row_counts[m])
             slots = torch.cat([self.slots[m] + offsets[k] * self.length
                                for k, m in enumerate(modalities)])
             masks = [self.attend[m] for m in modalities]

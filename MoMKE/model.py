@@ -117,19 +117,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden, 3 * config.hidden)  # [q, k, v] = x W_qkv + b
         self.attn_drop = nn.Dropout(config.attn_drop_rate)
 
-    def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
+    def forward(self, x: Tensor, packed: PackedRows) -> Tensor:
         """x (N, D) tokens -> z (N, D). Each token attends to the keys its row's mask allows
-        (`rows.attend`, (R, S, S) bool); z = 0 for a query with no valid key."""
+        (`packed.attend`, (R, S, S) bool); z = 0 for a query with no valid key."""
         qkv = self.qkv(x)  # (N, 3D)
-        if rows.per_conversation:  # rows longer than LONG_ROW (MoMKE/layout.py): no square mask
-            return self._per_conversation(qkv, rows)
-        return self._in_rows(qkv, rows)
+        if packed.per_conversation:  # rows longer than LONG_ROW (MoMKE/layout.py): no square mask
+            return self._per_conversation(qkv, packed)
+        return self._in_rows(qkv, packed)
 
-    def _in_rows(self, qkv: Tensor, rows: PackedRows) -> Tensor:
+    def _in_rows(self, qkv: Tensor, packed: PackedRows) -> Tensor:
         """softmax(q k^T / sqrt(D/H)) v in the packed rows, the (R, H, S, S) scores explicit."""
-        attend, D = rows.attend, qkv.shape[-1] // 3
+        attend, D = packed.attend, qkv.shape[-1] // 3
         R, S, _ = attend.shape
-        q, k, v = rows.pack(qkv).view(R, S, 3, self.num_heads, D // self.num_heads).permute(
+        q, k, v = packed.pack(qkv).view(R, S, 3, self.num_heads, D // self.num_heads).permute(
             2, 0, 3, 1, 4)  # (R, H, S, D/H) each
         scores = (q @ k.transpose(-2, -1)).float() * self.scale  # (R, H, S, S)
         # The softmax runs in float32 under bf16 autocast too. A finite fill keeps rows without
@@ -137,10 +137,10 @@ class Attention(nn.Module):
         scores = scores.masked_fill(~attend[:, None], torch.finfo(torch.float32).min)
         weights = self.attn_drop(scores.softmax(dim=-1)).to(v.dtype)
         z = (weights @ v).transpose(1, 2).reshape(R, S, D)  # heads concatenated
-        return rows.unpack(z * attend.any(dim=-1, keepdim=True))
+        return packed.unpack(z * attend.any(dim=-1, keepdim=True))
 
     @torch.compiler.disable  # eager under --compile: conversation sizes change every batch
-    def _per_conversation(self, qkv: Tensor, rows: PackedRows) -> Tensor:
+    def _per_conversation(self, qkv: Tensor, packed: PackedRows) -> Tensor:
         """The same attention, one conversation at a time through torch's fused kernel, which
         never holds the scores (float32 accumulation under bf16 too). A conversation's tokens
         are all valid keys of each other, so no mask is needed, and no query lacks a key.
@@ -151,7 +151,7 @@ class Attention(nn.Module):
         p = self.attn_drop.p if self.training else 0.0
         z = [F.scaled_dot_product_attention(qc[None], kc[None], vc[None], dropout_p=p,
                                             scale=self.scale)[0]  # (H, n, D/H)
-             for qc, kc, vc in zip(*(t.split(rows.segments, dim=1) for t in (q, k, v)))]
+             for qc, kc, vc in zip(*(t.split(packed.segments, dim=1) for t in (q, k, v)))]
         return torch.cat(z, dim=1).transpose(0, 1).reshape(N, D)  # heads concatenated
 
 
@@ -166,9 +166,9 @@ class ExpertLayer(nn.Module):
         self.fc2 = nn.Linear(inner, config.hidden)
         self.drop = _dropout(config.drop_rate, config)
 
-    def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
-        """x (N, D) tokens -> (N, D); attention within `rows`, the MLP per token."""
-        z = self.attention(x, rows)
+    def forward(self, x: Tensor, packed: PackedRows) -> Tensor:
+        """x (N, D) tokens -> (N, D); attention within the `packed` rows, the MLP per token."""
+        z = self.attention(x, packed)
         return z + self.drop(self.fc2(self.drop(F.gelu(self.fc1(z)))))  # z + MLP(z)
 
 
@@ -179,10 +179,10 @@ class Expert(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(ExpertLayer(config) for _ in range(config.depth))
 
-    def forward(self, x: Tensor, rows: PackedRows) -> Tensor:
-        """x (N, D) tokens, laid out for attention by `rows` -> r (N, D)."""
+    def forward(self, x: Tensor, packed: PackedRows) -> Tensor:
+        """x (N, D) tokens, laid out for attention in the `packed` rows -> r (N, D)."""
         for layer in self.layers:
-            x = x + layer(x, rows)
+            x = x + layer(x, packed)
         return x
 
 
@@ -282,7 +282,7 @@ class MoMKE(nn.Module):
     def _expert(self, e: str, tokens: dict[str, Tensor], layout: TokenLayout) -> dict[str, Tensor]:
         """Expert e over each modality's tokens (m -> (N_m, D)), all in one call."""
         modalities = list(tokens)
-        r = self.experts[e](torch.cat(list(tokens.values())), layout.rows_for(modalities))
+        r = self.experts[e](torch.cat(list(tokens.values())), layout.packed_rows(modalities))
         return dict(zip(modalities, r.split([len(x) for x in tokens.values()])))
 
     # ------------------------------------------------------------------ stage-1 -> stage-2 hand-over

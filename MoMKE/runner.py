@@ -257,12 +257,13 @@ def _prediction_arrays(data: MultimodalDataset, fold: int,
     within the test split, labels, in the order of the predictions) and the predictions of the
     epochs each rule selected, '<view>__<rule>' ('run' is the run's own evaluation)."""
     conversations = list(data.folds[fold].test)
-    rows = np.concatenate([np.arange(data.offsets[c], data.offsets[c + 1]) for c in conversations])
+    utterances = np.concatenate([np.arange(data.offsets[c], data.offsets[c + 1])
+                                 for c in conversations])
     lengths = data.lengths()[conversations]
     prefix = f"fold{fold + 1}__"
-    return {prefix + "ids": data.utterance_ids[rows],
+    return {prefix + "ids": data.utterance_ids[utterances],
             prefix + "conversation": np.repeat(np.arange(len(conversations)), lengths),
-            prefix + "labels": data.labels[rows],
+            prefix + "labels": data.labels[utterances],
             **{prefix + key: values for key, values in selected.items()}}
 
 

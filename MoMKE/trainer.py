@@ -238,8 +238,8 @@ class FoldTrainer:
             counts["batch"] = sum(lengths)
             self.optimizer.zero_grad(set_to_none=True)
             for first, last in _chunks(lengths, config.chunk_utterances):
-                rows = slice(sum(lengths[:first]), sum(lengths[:last]))
-                self._train_step(*self._assemble(conversations[first:last], available[rows]),
+                chunk = slice(sum(lengths[:first]), sum(lengths[:last]))
+                self._train_step(*self._assemble(conversations[first:last], available[chunk]),
                                  stage, collected, counts)
             self.optimizer.step()
         return collected.metrics(self.regression)

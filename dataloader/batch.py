@@ -18,10 +18,11 @@ from dataloader.gcnet import MultimodalDataset
 class Batch:
     """Named, batch-first views of B conversations. Features are gathered from the dataset's
     tables when read, so a cached evaluation batch holds indices, not copies of the features.
-    `rows`, `labels` and the tables are on the batch's device; the masks stay on the host, where
-    the model's token layout is planned from them (MoMKE/layout.py)."""
+    `utterance_index`, `labels` and the tables are on the batch's device; the masks stay on the
+    host, where the model's token layout is planned from them (MoMKE/layout.py)."""
 
-    rows: Tensor  # (B, L) long: dataset row of each slot; padded slots point at a zero row
+    utterance_index: Tensor  # (B, L) long: each slot's row of the feature tables; padded slots
+    # point at a zero row
     available: Tensor  # (B, L, M) bool, True = the modality is observed; on the host
     padding: Tensor  # (B, L) bool, True = a padded slot, not an utterance; on the host
     labels: Tensor  # (B, L) float32 (regression) or int64 (classes); 0 at padded slots
@@ -30,15 +31,15 @@ class Batch:
 
     @property
     def audio(self) -> Tensor:  # (B, L, d_a)
-        return self.tables["a"][self.rows]
+        return self.tables["a"][self.utterance_index]
 
     @property
     def text(self) -> Tensor:  # (B, L, d_t)
-        return self.tables["t"][self.rows]
+        return self.tables["t"][self.utterance_index]
 
     @property
     def visual(self) -> Tensor:  # (B, L, d_v)
-        return self.tables["v"][self.rows]
+        return self.tables["v"][self.utterance_index]
 
     @property
     def features(self) -> dict[str, Tensor]:
@@ -47,7 +48,7 @@ class Batch:
     def packed_features(self) -> dict[str, Callable[[Tensor], Tensor]]:
         """Per modality, a function from flat positions (N,) to their feature rows (N, d_m),
         gathered straight from the dataset tables (no padded (B, L, d_m) copy is made)."""
-        flat = self.rows.reshape(-1)
+        flat = self.utterance_index.reshape(-1)
         return {m: (lambda index, table=table: table.index_select(0, flat.index_select(0, index)))
                 for m, table in self.tables.items()}
 
@@ -79,12 +80,12 @@ class BatchBuilder:
         length = int(lengths.max())
         steps = torch.arange(length)
         real = steps[None, :] < lengths[:, None]  # (B, L)
-        rows = torch.where(real, self.offsets[conversations][:, None] + steps[None, :],
-                           self.padding_row)
+        utterance_index = torch.where(real, self.offsets[conversations][:, None] + steps[None, :],
+                                      self.padding_row)
         padded_available = torch.zeros(*real.shape, available.shape[1], dtype=torch.bool)
         padded_available[real] = available
         if self.device.type != "cpu":
-            rows = rows.pin_memory().to(self.device, non_blocking=True)
-        return Batch(rows=rows, available=padded_available, padding=~real,
-                     labels=self.labels[rows], conversations=conversations,
+            utterance_index = utterance_index.pin_memory().to(self.device, non_blocking=True)
+        return Batch(utterance_index=utterance_index, available=padded_available, padding=~real,
+                     labels=self.labels[utterance_index], conversations=conversations,
                      tables=self.features)

@@ -115,7 +115,7 @@ def attention_table(args: argparse.Namespace) -> None:
             layout.LONG_ROW = threshold
             packed = layout.TokenLayout.from_masks(torch.ones(rows, length, 3, dtype=torch.bool),
                                                    torch.zeros(rows, length, dtype=torch.bool)
-                                                   ).rows_for(["a"])
+                                                   ).packed_rows(["a"])
             times = []
             for _ in range(args.repeats + 1):  # the first warms up
                 started = time.perf_counter()

@@ -140,7 +140,7 @@ def test_flops_from_the_host_counts_equal_the_device_count():
     counts = (available[..., 0] & ~padding).sum(1).tolist()
     assert layout.segments["a"] == tuple(n for n in counts if n)
     without = TokenLayout(*[getattr(layout, f) for f in (
-        "conversations", "length", "observed", "valid", "valid_position", "rows", "slots",
+        "conversations", "length", "observed", "valid", "valid_position", "row_counts", "slots",
         "attend")])
     for stage in (1, 2):
         assert model_flops(layout, config, stage) == model_flops(without, config, stage)

@@ -137,7 +137,7 @@ def test_shared_and_own_rows_give_the_same_outputs_and_gradients(stage, attentio
         output = model(features, layout, stage)
         predictions = torch.cat(list(output.unimodal.values())) if stage == 1 else output.fused
         predictions.square().sum().backward()
-        results.append((predictions.detach(), layout.rows,
+        results.append((predictions.detach(), layout.row_counts,
                         {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (shared, shared_rows, shared_grads), (own, own_rows, own_grads) = results
     assert sum(shared_rows.values()) < sum(own_rows.values())  # sharing saves rows here
@@ -225,7 +225,7 @@ def test_attention_gives_zeros_to_queries_without_valid_keys():
 def test_only_rows_attended_in_place_have_a_square_mask(attention_path):
     features, available, padding = _inputs(1)
     layout = TokenLayout.from_masks(available, padding)
-    rows = layout.rows_for(list(MODALITIES))
+    rows = layout.packed_rows(list(MODALITIES))
     assert rows.per_conversation == (attention_path == "per conversation")
     assert all((mask is None) == rows.per_conversation for mask in layout.attend.values())
     assert sum(rows.segments) == len(rows.slots) and 0 not in rows.segments
@@ -236,7 +236,7 @@ def test_a_long_conversations_layout_grows_linearly():
     padding = torch.zeros(2, length, dtype=torch.bool)
     padding[1, 10:] = True  # with a short conversation beside it
     layout = TokenLayout.from_masks(torch.ones(2, length, 3, dtype=torch.bool), padding, "own")
-    rows = layout.rows_for(list(MODALITIES))
+    rows = layout.packed_rows(list(MODALITIES))
     assert rows.per_conversation and rows.segments == (length, 10) * 3
     kept = [t for d in (layout.observed, layout.slots, layout.valid_position) for t in d.values()]
     assert max(t.numel() for t in kept) <= length + 10
@@ -249,7 +249,7 @@ def test_attention_dropout_drops_and_keeps_the_mean(attention_path):
                                       attn_drop_rate=0.5))
     x = torch.randn(6, 8, requires_grad=True)  # one conversation of six tokens in one row
     rows = TokenLayout.from_masks(torch.ones(1, 6, 3, dtype=torch.bool),
-                                  torch.zeros(1, 6, dtype=torch.bool)).rows_for(["a"])
+                                  torch.zeros(1, 6, dtype=torch.bool)).packed_rows(["a"])
     expected = attention.eval()(x, rows)
     attention.train()
     draws = torch.stack([attention(x, rows) for _ in range(2000)])

@@ -92,7 +92,7 @@ class _Meter:
             if model.training:
                 c["real"] += layout.valid.shape[0]
                 c["padded"] += layout.conversations * layout.length
-                c["slots"] += sum(layout.rows[m] * layout.length for m in MODALITIES
+                c["slots"] += sum(layout.row_counts[m] * layout.length for m in MODALITIES
                                   if layout.count(m))
                 c["placed"] += sum(layout.count(m) for m in MODALITIES)
             return forward(model, features, layout, stage)

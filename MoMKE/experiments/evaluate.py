@@ -174,14 +174,14 @@ def _evaluate(checkpoints: list[Checkpoint], data: MultimodalDataset, builder: B
         metrics, predictions = evaluator.evaluate(checkpoint.model, split, 2, setting)
         conversations = evaluator.splits[split]
         lengths = data.lengths()[conversations]
-        rows = np.concatenate([np.arange(data.offsets[c], data.offsets[c + 1])
-                               for c in conversations])
+        utterances = np.concatenate([np.arange(data.offsets[c], data.offsets[c + 1])
+                                     for c in conversations])
         folds.append({"fold": fold + 1, "epoch": fields["epoch"], "rule": fields["rule"],
                       "metrics": {k: v for k, v in metrics.items()
                                   if k != "loss" and not isinstance(v, dict)},
                       "router": metrics.get("router"), "loss": metrics["loss"],
                       "predictions": predictions.tolist(),
-                      "labels": data.labels[rows].tolist(),
+                      "labels": data.labels[utterances].tolist(),
                       "conversation": np.repeat(np.arange(len(conversations)), lengths).tolist()})
     first = checkpoints[0]
     names = list(folds[0]["metrics"])

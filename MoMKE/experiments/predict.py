@@ -89,7 +89,7 @@ def predict_rows(checkpoint: Checkpoint, data: MultimodalDataset, setting: Missi
     for split in splits:
         for batch, output in evaluator.outputs(checkpoint.model, split, 2, setting):
             valid = output.layout.valid
-            where = batch.rows.reshape(-1).index_select(0, valid).cpu().numpy()
+            where = batch.utterance_index.reshape(-1).index_select(0, valid).cpu().numpy()
             available = batch.available.reshape(-1, len(MODALITIES))[valid.cpu()].numpy()
             fused = output.fused.float().cpu()
             router = {m: torch.full((len(valid), len(MODALITIES)), float("nan"))
