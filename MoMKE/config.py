@@ -1,6 +1,6 @@
 """Training configuration: dataclass defaults, then a YAML file, then command-line flags.
 
-From: STYLE §3, SPEC §7. Every field is a `--kebab-case` flag with help text and may also be a key
+docs/flags.md lists them. Every field is a `--kebab-case` flag with help text and may also be a key
 of `--config FILE.yaml` (kebab- or snake-case); flags override the file. Unknown keys and wrong types
 stop with a sentence naming the key. Fields left unset that the paper fixes per dataset (batch size,
 epochs, stage-1 epochs) take the paper's value for the chosen dataset, and the resolved value is
@@ -22,7 +22,7 @@ from MoMKE.protocols import parse_condition, parse_rate
 
 ABLATIONS = ("no-stage1", "uniform-router", "self-experts", "frozen-experts")  # see the end
 
-# The paper's scripts, per dataset: (batch size, epochs, of which stage 1) — SPEC §7.
+# The paper's scripts, per dataset: (batch size, epochs, of which stage 1); docs/method.md.
 PAPER_SCHEDULE = {"CMUMOSI": (32, 300, 150), "CMUMOSEI": (32, 100, 50),
                   "IEMOCAPFour": (16, 200, 100), "IEMOCAPSix": (16, 200, 100)}
 

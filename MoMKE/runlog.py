@@ -1,6 +1,6 @@
 """A run folder: its identity, its files, the lock of its one writer, and the logger into it.
 
-From: SPEC §6-7.
+Files and fields: docs/runs.md.
 
     saved/<dataset>/<fixed-atv|random-0.14>_seed<seed>_<identity hash>/
         config.yaml        the resolved configuration (loadable with --config)
@@ -256,7 +256,7 @@ class RunFolder:
         save_torch_atomic(self.attempt / f"checkpoint_fold{fold}.pt", payload)
 
     def save_predictions(self, arrays: dict[str, Any]) -> None:
-        """The test predictions of the selected epochs (read by `MoMKE/uncertainty.py`)."""
+        """The test predictions of the selected epochs (read by `MoMKE/results/uncertainty.py`)."""
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
         write_atomic(self.attempt / "predictions.npz", buffer.getbuffer())

@@ -1,6 +1,6 @@
 """Train one fold: stage 1 (unimodal experts), expert hand-over and stage 2 (mixing).
 
-From: SPEC §4.3-4.6, §5-7. `FoldTrainer` trains one fold of one run; `MoMKE/runner.py` runs it
+Method: docs/method.md. `FoldTrainer` trains one fold of one run; `MoMKE/runner.py` runs it
 for every fold into the run folder. One Adam optimiser serves both stages, as in the reference
 code.
 Every epoch's metrics are kept for train (measured on the training pass itself: dropout on, the

@@ -18,7 +18,7 @@ the same figures with every model FLOP run at the measured matmul throughput, fp
 (the two floors). A compiled mode's compilation (its first epoch, and a later one when a new
 shape specialises) is reported as compile seconds and added to the projected wall times. With `--official-code PATH` the official implementation runs
 in the same invocation (fold 1, the same epochs) and the ratios use its measured seconds; without
-it they use the figures quoted from the speed issues (another day on this machine kind).
+it they use the figures in `OFFICIAL` below (another day on this machine kind).
 
 What is timed is what the run scripts pay: real runs (`MoMKE.runner.run`: run folder, epoch log,
 checkpoint, predictions, stage-1 cache) in a temporary output folder, one warm-up and `--epochs`
@@ -54,9 +54,9 @@ from MoMKE.runtime import bf16_supported, peak_memory, resolve_device
 from MoMKE.runner import as_run_on, run
 from MoMKE.trainer import FoldTrainer
 
-# The official implementation on this machine kind (2 cores, no GPU), from the speed issues:
-# seconds per epoch (stage 1, stage 2 atv) and hours for the seven-condition table at paper
-# epochs. CMU-MOSI epochs: the bf16 issue's measurement, back to back with this project's.
+# The official implementation on this machine kind (2 cores, no GPU), timed before it could run
+# in the same invocation: seconds per epoch (stage 1, stage 2 atv) and hours for the
+# seven-condition table at paper epochs. CMU-MOSI epochs: timed back to back with this project's.
 OFFICIAL = {"CMUMOSI": {"stage1": 1.44, "stage2": 3.6, "table_hours": 1.3},
             "IEMOCAPFour": {"stage1": 3.3, "stage2": 8.6, "table_hours": 11.5}}
 MODES = {"fp32": {}, "amp": {"amp": True}, "compile": {"compile": True},
@@ -337,7 +337,7 @@ def summarise(m: dict) -> list[str]:
 
 def _official(m: dict) -> tuple[dict | None, str]:
     """The official code's seconds per epoch (stage 1, stage 2 atv): measured in this run when
-    --official-code was given, else the figures quoted from the speed issues."""
+    --official-code was given, else the figures quoted in `OFFICIAL`."""
     if m.get("official"):
         return m["official"], f"measured in this run, {m['official']['threads']} thread(s)"
     quoted = OFFICIAL.get(m["dataset"])
