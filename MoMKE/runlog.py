@@ -7,6 +7,7 @@ Files and fields: docs/runs.md.
         run.log            the human log: one line per epoch, with timestamps
         epochs.jsonl       one JSON object per epoch: stage, metrics per split, seconds, memory
         result.json        the final result, written last: its presence marks a complete run
+        predictions.npz    the test predictions of the epochs the selection rules chose
         checkpoint_fold<k>.pt   the selected weights of fold k, with what rebuilds and checks them
         evaluations.json   what `python -m MoMKE.evaluate` measured with those weights (optional)
 
