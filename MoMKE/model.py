@@ -109,7 +109,8 @@ def _dropout(p: float, config: ModelConfig) -> nn.Dropout:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention within each conversation, masked, with no output projection."""
+    """Multi-head self-attention within each conversation, masked, with no output projection
+    (docs/method.md, The experts)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -191,7 +192,7 @@ class Expert(nn.Module):
 
 class SoftRouter(nn.Module):
     """Per-token weights over the experts: w = softmax(Dropout(fc2(Dropout(GELU(fc1(h)))))),
-    the softmax in float32 under bfloat16 autocast too."""
+    the softmax in float32 under bfloat16 autocast too (docs/method.md, The router)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -169,7 +169,8 @@ class FoldTrainer:
         return previous["state"]
 
     def _hand_over(self, records: list[dict]) -> dict:
-        """Give each modality's projection and expert the weights of its best stage-1 epoch."""
+        """Give each modality's projection and expert the weights of its best stage-1 epoch
+        (docs/method.md, The hand-over)."""
         if self.config.expert_handover == "last":
             return {"rule": "last", "epochs": {m: self.config.stage_epochs for m in MODALITIES}}
         for m in MODALITIES:
