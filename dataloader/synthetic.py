@@ -14,8 +14,9 @@ noise below is a standard normal draw times the named constant):
     shared latent     z = e(y) + SHARED_NOISE * noise       the same in all three modalities
     modality latent   s_m = SIGNAL[m] * z + PRIVATE_NOISE * noise_m
                                SIGNAL: text 1.3 > audio 0.8 > visual 0.5
-    features          x_m = s_m @ P_m + STYLE * style_m(conversation) + FEATURE_NOISE * noise
-                               P_m: a random k x d_m map scaled by 1 / sqrt(k)
+    features          x_m = s_m @ P_m + style_m(conversation) + FEATURE_NOISE * noise
+                               P_m: a random k x d_m map scaled by 1 / sqrt(k); style_m: one
+                               offset per conversation, 0.3 times a normal draw
 
 Labels of one conversation are related, so its other utterances carry signal about each one
 (context helps): a CMU video draws a mood and each score scatters around it (rounded to steps of
