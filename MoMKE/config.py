@@ -1,6 +1,6 @@
 """Training configuration: dataclass defaults, then a YAML file, then command-line flags.
 
-From: STYLE §3, SPEC §7. Every field is a `--kebab-case` flag with help text and may also be a key
+docs/flags.md lists them. Every field is a `--kebab-case` flag with help text and may also be a key
 of `--config FILE.yaml` (kebab- or snake-case); flags override the file. Unknown keys and wrong types
 stop with a sentence naming the key. Fields left unset that the paper fixes per dataset (batch size,
 epochs, stage-1 epochs) take the paper's value for the chosen dataset, and the resolved value is
@@ -134,8 +134,8 @@ class TrainConfig:
     bit_dropout: bool = _option(
         STAGE1,
         "CPU dropout masks from random bits (MoMKE/model.py BitDropout): the same Bernoulli keep "
-        "rate and scale as nn.Dropout, another random stream, 12-19 %% faster epochs on the CPU; "
-        "--no-bit-dropout uses nn.Dropout everywhere", default=True)
+        "rate and scale as nn.Dropout, another random stream, faster CPU epochs "
+        "(docs/precision-and-speed.md); --no-bit-dropout uses nn.Dropout everywhere", default=True)
     # run
     seed: int = _option(STAGE1, "random seed (data order, masks, initialisation, dropout)",
                         default=66)
@@ -156,9 +156,8 @@ class TrainConfig:
     compile: bool = _option(
         STAGE1,
         "torch.compile the expert stack (dynamic shapes: one compilation serves every batch size). "
-        "Measured on a 2-core CPU its epochs were slower and it costs 11-50 s of compilation per "
-        "process (`python -m MoMKE.bench --modes`); inside it dropout uses the compiler's random "
-        "stream, not --bit-dropout's", default=False)
+        "Its speed and compilation time: docs/precision-and-speed.md; on the CPU --bit-dropout "
+        "draws the same dropout masks inside it as in eager runs", default=False)
     output_dir: str = _option(NOT_STAGE1, "where run folders are written", default="saved")
     # A cached stage 1 holds the best stage-1 checkpoint when it keeps one (--select-from all).
     save_checkpoint: bool = _option(STAGE1, "write the selected checkpoint of every fold",

@@ -1,6 +1,7 @@
 """Where the tokens of a batch sit, and how they are laid out in rows for attention.
 
-From: SPEC §4 (padded and missing utterances are zeroed anyway, so only real tokens are computed).
+Method: docs/method.md, Inputs and the token layout (padded and missing utterances contribute
+nothing, so only real tokens are computed).
 A `TokenLayout` is computed on the host from a batch's masks, where the batch is assembled, and
 moved to the batch's device with it: the forward pass then indexes with device tensors only and
 never waits for the host (no `.cpu()`, no `nonzero` inside `forward`).
@@ -8,8 +9,8 @@ never waits for the host (no `.cpu()`, no `nonzero` inside `forward`).
 Two packings of a modality's tokens into rows of L slots (`PACKING` in MoMKE/model.py picks one
 per device):
     shared  several short conversations share a row (first fit, longest first), each kept to
-            itself by the attention mask: fewer empty slots (15-18 % instead of 40-60 % on
-            CMU-MOSI), which is what a CPU pays for
+            itself by the attention mask: fewer empty slots, which is what a CPU pays for
+            (the measured figure: README.md, Runtime)
     own     every conversation its own row: the padded (B, L, L) attention, computed without
             the first-fit search
 Both give the same attention (a test holds them to the same outputs and gradients).

@@ -1,4 +1,4 @@
-"""Evaluation metrics over unpadded utterances (SPEC §6), as fractions (0.8123), never percent.
+"""Evaluation metrics over unpadded utterances, as fractions (0.8123), never percent.
 
 CMU-MOSI/MOSEI (regression in [-3, 3]):
     acc2  binary accuracy of the sign, on utterances whose label is non-zero (the paper's Acc2)
@@ -15,7 +15,8 @@ The official code computes MAE and Corr on non-zero labels only; MMSA and most p
 utterances. Both are kept, under distinct names; the report says which it shows
 (docs/differences.md).
 Computed with numpy (scikit-learn's definitions; tests hold them equal to scikit-learn), which
-keeps scikit-learn and SciPy out of the training process's memory.
+keeps scikit-learn and SciPy out of the training process's memory. In words: docs/method.md,
+Metrics.
 """
 from __future__ import annotations
 

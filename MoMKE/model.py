@@ -1,8 +1,8 @@
 """MoMKE: projections, modality experts, soft routers and the fusion head, in one readable file.
 
 Paper: Leveraging Knowledge of Modality Experts for Incomplete Multimodal Learning (ACM MM 2024).
-From: SPEC §4. Stage 1 trains expert m on modality m alone; stage 2 passes every modality through
-all experts and mixes their outputs with a per-modality soft router.
+Method: docs/method.md. Stage 1 trains expert m on modality m alone; stage 2 passes every
+modality through all experts and mixes their outputs with a per-modality soft router.
 
 Notation
     B  conversations in a batch          L  utterances per conversation (padded to the longest)
@@ -11,7 +11,7 @@ Notation
     N  unpadded utterances of the batch  N_m  those where modality m is observed (its tokens)
     R  rows of the packed grid           S  slots per row (S = L)
 
-Layout. Padded and missing utterances are zeroed by the SPEC anyway, so the model computes only
+Layout. Padded and missing utterances contribute nothing to the method, so the model computes only
 real tokens: each modality's tokens are gathered from the (B, L) batch, and for the experts they
 are laid out in rows of L slots with an attention mask that keeps every conversation to itself
 (`TokenLayout` in MoMKE/layout.py, the one place that knows where tokens sit; it is computed on the
@@ -34,7 +34,7 @@ from MoMKE.layout import MODALITIES, PackedRows, TokenLayout
 Features = Union[Tensor, Callable[[Tensor], Tensor]]  # (B, L, d), or flat positions (N,) -> (N, d)
 
 # How attention lays out tokens, by device (MoMKE/layout.py). CPU: short conversations share rows,
-# so attention computes 15-18 % empty slots instead of 40-60 % (CMU-MOSI), which a CPU pays for.
+# so attention computes far fewer empty slots, which a CPU pays for (measured: README, Runtime).
 # GPU: every conversation its own row, the dense padded (B, L, L) attention: a GPU has the
 # arithmetic to spare, and the layout needs no first-fit search on the host. Both compute the same
 # attention (tests/test_model.py holds them to the same outputs and gradients).
@@ -96,8 +96,9 @@ def _keep_mask(x: Tensor, p: float) -> Tensor:
 
 
 # The compiler would otherwise draw dropout with its own per-element generator, which on a CPU
-# made compiled epochs about 1.5x slower than eager ones (measured on the expert stack). A CPU
-# kernel only: on a GPU `BitDropout` is `nn.Dropout`. The fake mask sits on x's device.
+# made compiled epochs slower than eager ones (docs/precision-and-speed.md, "Where the time
+# goes"). A CPU kernel only: on a GPU `BitDropout` is `nn.Dropout`. The fake mask sits on x's
+# device.
 torch.library.custom_op("momke::keep_mask", _keep_mask, mutates_args=(), device_types="cpu")
 torch.library.register_fake("momke::keep_mask")(
     lambda x, p: x.new_empty(x.shape, dtype=torch.uint8))
@@ -108,7 +109,8 @@ def _dropout(p: float, config: ModelConfig) -> nn.Dropout:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention within each conversation, masked, with no output projection."""
+    """Multi-head self-attention within each conversation, masked, with no output projection
+    (docs/method.md, The experts)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -156,7 +158,8 @@ class Attention(nn.Module):
 
 
 class ExpertLayer(nn.Module):
-    """One expert layer: z = Attention(x); z + MLP(z) (SPEC §4.2; no LayerNorm)."""
+    """One expert layer: z = Attention(x); z + MLP(z), no LayerNorm (docs/method.md,
+    The experts)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -173,7 +176,8 @@ class ExpertLayer(nn.Module):
 
 
 class Expert(nn.Module):
-    """One modality expert: `depth` layers added residually, x <- x + layer(x) (SPEC §4.2)."""
+    """One modality expert: `depth` layers added residually, x <- x + layer(x) (docs/method.md,
+    The experts)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -188,7 +192,7 @@ class Expert(nn.Module):
 
 class SoftRouter(nn.Module):
     """Per-token weights over the experts: w = softmax(Dropout(fc2(Dropout(GELU(fc1(h)))))),
-    the softmax in float32 under bfloat16 autocast too."""
+    the softmax in float32 under bfloat16 autocast too (docs/method.md, The router)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -202,7 +206,7 @@ class SoftRouter(nn.Module):
 
 
 class Fusion(nn.Module):
-    """h = z + Dropout(ReLU(Linear(3D, 3D)(z))) (SPEC §4.5)."""
+    """h = z + Dropout(ReLU(Linear(3D, 3D)(z))) (docs/method.md, Mixing, fusion and the heads)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

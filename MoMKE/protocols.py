@@ -1,6 +1,6 @@
 """Missing-modality protocols: which modalities each utterance has, in training and evaluation.
 
-From: SPEC §5.
+Method: docs/method.md, Missing-modality protocols.
     fixed   stage 1 sees complete data; in stage 2 the condition masks training and evaluation.
             A condition is a non-empty subset of {a, t, v}.
     random  a missing rate r in [0, 0.7] removes round(3 n r) of the 3 n (utterance, modality)

@@ -1,12 +1,13 @@
 """A run folder: its identity, its files, the lock of its one writer, and the logger into it.
 
-From: SPEC §6-7.
+Files and fields: docs/runs.md.
 
     saved/<dataset>/<fixed-atv|random-0.14>_seed<seed>_<identity hash>/
         config.yaml        the resolved configuration (loadable with --config)
         run.log            the human log: one line per epoch, with timestamps
         epochs.jsonl       one JSON object per epoch: stage, metrics per split, seconds, memory
         result.json        the final result, written last: its presence marks a complete run
+        predictions.npz    the test predictions of the epochs the selection rules chose
         checkpoint_fold<k>.pt   the selected weights of fold k, with what rebuilds and checks them
         evaluations.json   what `python -m MoMKE.evaluate` measured with those weights (optional)
 
@@ -256,7 +257,7 @@ class RunFolder:
         save_torch_atomic(self.attempt / f"checkpoint_fold{fold}.pt", payload)
 
     def save_predictions(self, arrays: dict[str, Any]) -> None:
-        """The test predictions of the selected epochs (read by `MoMKE/uncertainty.py`)."""
+        """The test predictions of the selected epochs (read by `MoMKE/results/uncertainty.py`)."""
         buffer = io.BytesIO()
         np.savez_compressed(buffer, **arrays)
         write_atomic(self.attempt / "predictions.npz", buffer.getbuffer())

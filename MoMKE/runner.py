@@ -1,6 +1,6 @@
 """One run: every fold of one setting (a condition or rate, one seed) into its run folder.
 
-From: SPEC §4.3-4.6, §5-7. `run` trains under the run's lock and through an attempt folder
+Method: docs/method.md. `run` trains under the run's lock and through an attempt folder
 (`MoMKE/runlog.py`) and writes its result; `train_stage1` trains only the stage 1 that the runs of
 a sweep share. Each fold is trained by `FoldTrainer` (`MoMKE/trainer.py`)."""
 from __future__ import annotations

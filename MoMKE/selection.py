@@ -1,6 +1,6 @@
 """Which epoch a reported number comes from, named by its rule, and the mean over folds.
 
-From: SPEC §6. By default only stage-2 epochs are candidates (the fused head is untrained in
+See docs/selection.md. By default only stage-2 epochs are candidates (the fused head is untrained in
 stage 1); `--select-from all` adds the stage-1 epochs, scored by the fused head's pass on the
 stage-1 masks, as the official code does.
     best_test  the epoch with the best test score: what the official code reports ("paper protocol")

@@ -1,11 +1,11 @@
 """Train stage 1 once, reuse it everywhere it is the same computation.
 
-From: SPEC §5 (stage 1 sees complete data in the fixed protocol, so all seven conditions share it;
-in the random protocol it depends on the rate). A cached stage 1 holds everything stage 2 starts
-from: the weights after the hand-over, the Adam state, the random-number states, the stage-1
-epoch records, the test predictions the selection rules kept from them and the best-on-validation
-checkpoint so far (with `--select-from all` stage-1 epochs are candidates), so a run that reuses
-it computes exactly what a run retraining it computes.
+Stage 1 sees complete data in the fixed protocol, so all seven conditions share it; in the random
+protocol it depends on the rate (docs/method.md, Missing-modality protocols). A cached stage 1
+holds everything stage 2 starts from: the weights after the hand-over, the Adam state, the
+random-number states, the stage-1 epoch records, the test predictions the selection rules kept
+from them and the best-on-validation checkpoint so far (with `--select-from all` stage-1 epochs
+are candidates), so a run that reuses it computes exactly what a run retraining it computes.
 The key is the run identity restricted to what stage 1 depends on (the settings each field of
 `TrainConfig` marks as touching stage 1, the data fingerprint, the code version), plus the fold
 and the hardware (`runtime.hardware`: the device type, and on a GPU its model and CUDA version);

@@ -1,7 +1,7 @@
 """Train and evaluate MoMKE: `python -m MoMKE.train --dataset CMUMOSI --test-condition a,t,atv`.
 
-From: SPEC §4-7. One run folder per (dataset, condition or rate, seed), each run training stage 1
-then stage 2 on every fold (`MoMKE.runner.run`). `--help` lists every flag.
+Method: docs/method.md. One run folder per (dataset, condition or rate, seed), each run training
+stage 1 then stage 2 on every fold (`MoMKE.runner.run`). `--help` lists every flag.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Train one fold: stage 1 (unimodal experts), expert hand-over and stage 2 (mixing).
 
-From: SPEC §4.3-4.6, §5-7. `FoldTrainer` trains one fold of one run; `MoMKE/runner.py` runs it
+Method: docs/method.md. `FoldTrainer` trains one fold of one run; `MoMKE/runner.py` runs it
 for every fold into the run folder. One Adam optimiser serves both stages, as in the reference
 code.
 Every epoch's metrics are kept for train (measured on the training pass itself: dropout on, the
@@ -169,7 +169,8 @@ class FoldTrainer:
         return previous["state"]
 
     def _hand_over(self, records: list[dict]) -> dict:
-        """Give each modality's projection and expert the weights of its best stage-1 epoch."""
+        """Give each modality's projection and expert the weights of its best stage-1 epoch
+        (docs/method.md, The hand-over)."""
         if self.config.expert_handover == "last":
             return {"rule": "last", "epochs": {m: self.config.stage_epochs for m in MODALITIES}}
         for m in MODALITIES:

@@ -1,6 +1,6 @@
 """Named, batch-first batches of conversations.
 
-From: STYLE §4. A `Batch` keeps the three modalities apart and carries its masks by name.
+A `Batch` keeps the three modalities apart and carries its masks by name.
 """
 from __future__ import annotations
 

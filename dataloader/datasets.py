@@ -1,6 +1,6 @@
 """The dataset table: every constant that depends on the dataset name lives here, once.
 
-From: SPEC §2 (layout, sizes), §6 (metrics, selection), §7 (paper hyperparameters).
+Layout and sizes: docs/data.md; metrics and epoch selection: docs/method.md.
 Nothing else in the project branches on a dataset name; it looks the name up here.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 class DataError(ValueError):
     """Input data that cannot be used (a missing file, a wrong shape, a non-finite value): the
-    message is one sentence naming the file or flag at fault and what to do (SPEC §8)."""
+    message is one sentence naming the file or flag at fault and what to do (docs/flags.md)."""
 
 
 # The feature tables' keys. The model keeps its own order (MoMKE/model.py) because dataloader/
@@ -103,7 +103,7 @@ DATASETS: dict[str, DatasetSpec] = {
         paper=PaperSettings(batch_size=32, epochs=300, stage_epochs=150), peak_memory_gb=0.75,
         official_seconds=OfficialEpochSeconds(stage1=1.44, stage2=3.6, table_hours=1.3),
     ),
-    # CMU-MOSEI: totals from SPEC §2; its split and longest video are planning figures for the
+    # CMU-MOSEI: totals as in docs/data.md; its split and longest video are planning figures for the
     # synthetic set (no MOSEI label file was available to count them).
     "CMUMOSEI": DatasetSpec(
         name="CMUMOSEI", folder="CMUMOSEI", label_file="CMUMOSEI_features_raw_2way.pkl",

@@ -1,6 +1,6 @@
 """Read one GCNet feature folder into a matrix with one row per utterance.
 
-From: SPEC §2. A file `<utterance_id>.npy` holds `[dim]`, `[1, dim]` or `[T, dim]` (mean over T); a
+docs/data.md. A file `<utterance_id>.npy` holds `[dim]`, `[1, dim]` or `[T, dim]` (mean over T); a
 folder `<utterance_id>/` holds per-face vectors (mean over faces). IEMOCAP entries are found by the
 prefix `<utterance_id>*`, and of an IEMOCAP face folder only the faces of the utterance's speaker
 count (a face file name carries 'F' or 'M'). An utterance without any usable face gets a zero

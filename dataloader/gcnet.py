@@ -1,6 +1,6 @@
 """Load a dataset in the GCNet layout into one in-memory `MultimodalDataset`.
 
-From: SPEC §2-3.
+Layout, checks and the synthetic default: docs/data.md.
 
     <data_root>/<DIR>/<label file>.pkl
     <data_root>/<DIR>/features/<feature name>/<utterance id>.npy   (or a folder of face vectors)

@@ -1,6 +1,6 @@
 """Parse a GCNet label file into conversations, labels, speakers and splits, checking its shape.
 
-From: SPEC §2. CMU files are 7-tuples (ids, labels, speakers, sentences, train, val, test);
+See docs/data.md. CMU files are 7-tuples (ids, labels, speakers, sentences, train, val, test);
 IEMOCAP files are 6-tuples (ids, labels, speakers, sentences, train, test), evaluated with five
 leave-one-session-out folds (session = 5th character of the dialogue id), as the official code does.
 Split members come as Python sets; they are sorted here so that no run depends on hash order.
@@ -193,7 +193,7 @@ def _folds(spec: DatasetSpec, conversation_ids: tuple[str, ...], splits: list[tu
 # ----------------------------------------------------------------------------- safe unpickling
 # Load GCNet label pickles without letting them run code.
 # 
-# From: SPEC §2. A pickle names the functions it calls while loading; this unpickler admits only
+# A pickle names the functions it calls while loading; this unpickler admits only
 # builtin containers and the few numpy names that rebuild arrays and scalars, and refuses anything
 # else before it is imported, so nothing in a hostile file runs.
 

@@ -1,22 +1,30 @@
 """Write a synthetic dataset in the exact GCNet layout, so a fresh clone can run everything.
 
-From: SPEC §3. Usage:
+What it writes and why: docs/data.md, "The synthetic default". Usage:
 
     python -m dataloader.synthetic --dataset CMUMOSI --out features/synthetic
     python -m dataloader.synthetic --dataset all --scale 0.05 --dims 16,32,32 --out /tmp/tiny
-    python -m dataloader.synthetic --dataset IEMOCAPFour --labels ../shared/data/labels/IEMOCAP_features_raw_4way.pkl
+    python -m dataloader.synthetic --dataset IEMOCAPFour --labels PATH/IEMOCAP_features_raw_4way.pkl
 
-How an utterance's features are made (k-dimensional latents, D_m-dimensional features):
+How an utterance's features are made (k = LATENT_DIM latents, d_m-dimensional features; every
+noise below is a standard normal draw times the named constant):
 
-    label signal      e(y)      class prototype, or the sentiment score along one direction
-    shared latent     z = e(y) + noise               the same in all three modalities (redundancy)
-    modality latent   s_m = alpha_m * z + noise_m     alpha: text 1.0 > audio 0.6 > visual 0.35
-    features          x_m = s_m @ P_m + style_m(conversation) + noise   P_m: random k x D_m map
+    label signal      e(y)     a class prototype (IEMOCAP; exc near hap), or the sentiment score
+                               along one direction plus (|y| - 1) along another (CMU)
+    shared latent     z = e(y) + SHARED_NOISE * noise       the same in all three modalities
+    modality latent   s_m = SIGNAL[m] * z + PRIVATE_NOISE * noise_m
+                               SIGNAL: text 1.3 > audio 0.8 > visual 0.5
+    features          x_m = s_m @ P_m + style_m(conversation) + FEATURE_NOISE * noise
+                               P_m: a random k x d_m map scaled by 1 / sqrt(k); style_m: one
+                               offset per conversation, 0.3 times a normal draw
 
-Labels of one conversation share a mood (sentiment) or a Markov chain over emotions, so the other
-utterances of a conversation carry signal about each one (context helps). With `--labels FILE` the
-real ids, splits, speakers and labels are used instead of generated ones. A marker file
-`SYNTHETIC.json` tells the loader, the logs and the reports that the data is synthetic.
+Labels of one conversation are related, so its other utterances carry signal about each one
+(context helps): a CMU video draws a mood and each score scatters around it (rounded to steps of
+0.2, clipped to [-3, 3]); an IEMOCAP dialogue draws its own mix of five emotions, and a turn keeps
+the previous turn's emotion with probability 0.5 (`fru` marks the utterances that only the 6-way
+set holds). With `--labels FILE` the real ids, splits, speakers and labels are used instead of
+generated ones. A marker file `SYNTHETIC.json` tells the loader, the logs and the reports that the
+data is synthetic.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad data stops with one sentence naming the file or flag and what to do (SPEC §8)."""
+"""Bad data stops with one sentence naming the file or flag and what to do (docs/flags.md)."""
 from __future__ import annotations
 
 import pickle

@@ -1,4 +1,4 @@
-"""GCNet per-file shapes, face folders, prefix lookup and speaker faces (SPEC §2)."""
+"""GCNet per-file shapes, face folders, prefix lookup and speaker faces (docs/data.md)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Hostile inputs, round 2 (issue 22): what a filesystem and a user can give, answered in one
+"""Hostile inputs, round 2: what a filesystem and a user can give, answered in one
 sentence, with the right number or none.
 
     1. data known by its content   a rewrite that keeps size and mtime is new data; a touch is not

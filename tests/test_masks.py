@@ -1,4 +1,5 @@
-"""Missing-modality masks: fixed conditions, random rates, fixed evaluation masks (SPEC §5)."""
+"""Missing-modality masks: fixed conditions, random rates, fixed evaluation masks
+(docs/method.md, Missing-modality protocols)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Metrics equal hand-computed values (SPEC §6) and scikit-learn's definitions."""
+"""Metrics equal hand-computed values (docs/method.md, Metrics) and scikit-learn's definitions."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
-"""The packed MoMKE forward equals SPEC §4 computed literally, and masks hide what they must.
+"""The packed MoMKE forward equals the method computed literally, and masks hide what they must.
 
-`_literal` below is the yardstick: the SPEC's computation on the padded (B, L) grid, one expert
+`_literal` below is the yardstick: docs/method.md computed on the padded (B, L) grid, one expert
 and one modality at a time, written from the model's parameters with explicit matmuls and softmax.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def attention_path(request, monkeypatch) -> str:
     return request.param
 
 
-# ----------------------------------------------------------------------------- the literal SPEC
+# ----------------------------------------------------------------------------- the literal method
 
 def _linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return x @ layer.weight.T + layer.bias

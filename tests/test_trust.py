@@ -1,6 +1,6 @@
 """A number in a table is right, or the run fails loudly; nothing finished is ever lost.
 
-One test (or a few) per failure class of the trust issue: divergence, atomic --force, run
+One test (or a few) per failure class: divergence, atomic --force, run
 identity, one writer per run folder, the checked feature cache, and a report that never crashes
 on what it finds. Each failed on the code before the change.
 """

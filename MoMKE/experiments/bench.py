@@ -18,7 +18,8 @@ the same figures with every model FLOP run at the measured matmul throughput, fp
 (the two floors). A compiled mode's compilation (its first epoch, and a later one when a new
 shape specialises) is reported as compile seconds and added to the projected wall times. With `--official-code PATH` the official implementation runs
 in the same invocation (fold 1, the same epochs) and the ratios use its measured seconds; without
-it they use the figures quoted from the speed issues (another day on this machine kind).
+it they use the figures in the dataset table (`DatasetSpec.official_seconds`: another day on
+this machine kind).
 
 What is timed is what the run scripts pay: real runs (`MoMKE.runner.run`: run folder, epoch log,
 checkpoint, predictions, stage-1 cache) in a temporary output folder, one warm-up and `--epochs`

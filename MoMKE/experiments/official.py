@@ -1,6 +1,6 @@
 """The authors' MoMKE code (github.com/wxxv/MoMKE), run beside this project on the same data.
 
-From: issue 21 (parity harness) and issue 19 (speed against the official code, measured in one run).
+Used by the parity harness (docs/differences.md) and the benchmark (README.md, Runtime).
 Nothing of the official code is part of this project: the user gives the path of their own
 checkout; it is copied to a temporary folder whose `config.py` gets the data, log and model paths
 appended (the lines that set them, nothing of the method), and run with its own command line.

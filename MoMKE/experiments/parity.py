@@ -5,7 +5,7 @@ seeds, and write the table that compares them.
         --data-root features/synthetic --test-condition a,t,v,atv --seeds 66,67,68 \
         --out parity/CMUMOSI [--epochs 300 --stage-epochs 150] [--jobs 2 --threads 1]
 
-From: issue 21. For each condition and seed the official code runs from a temporary copy of the
+For each condition and seed the official code runs from a temporary copy of the
 user's checkout (MoMKE/experiments/official.py: its config.py pointed at the data, its own command line with
 the run scripts' hyperparameters); then this project runs the same settings twice through the
 sweep, with `--official` (the official code's selection pool, hand-over and MAE/Corr) and with

@@ -1,6 +1,6 @@
 """The list of runs a sweep plans, the stage-1 tasks they share, and what an executor did with them.
 
-From: SPEC §7, issue 7 (the Ray executor) and issue 19 (several runs at once on one machine). Every
+Executors: docs/cluster.md (Ray), docs/precision-and-speed.md (several runs at once). Every
 executor (`sweep.run_locally` in this process, `pool.run_in_pool` in worker processes,
 `ray_executor.run_on_ray` on a cluster) takes the same `RunSpec`s (`MoMKE/runner.py`: one run, as
 `python -m MoMKE.train` plans it too), trains each stage 1 that several pending runs share once and

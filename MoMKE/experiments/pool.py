@@ -1,7 +1,7 @@
 """Several runs at once on one machine: the sweep's runs in K worker processes, each pinned to its
 share of the cores, on the CPU or sharing one GPU.
 
-From: issue 19 (several runs at once) and issue 20 (several runs per GPU). MoMKE's matrices are
+Measured: docs/precision-and-speed.md, "Several runs at once". MoMKE's matrices are
 small (a few thousand utterances by 256), so one run does not keep many cores busy: on a 2-core
 CPU two 1-thread runs at once finish a table sooner than one 2-thread run after another, and one
 run uses a small fraction of a modern GPU. `run_in_pool` trains the planned runs in K processes;

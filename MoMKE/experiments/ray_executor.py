@@ -1,6 +1,6 @@
 """Run the sweep's list of runs as Ray tasks, on this machine or on a cluster.
 
-From: issue 7. `sweep.plan` makes the list (`experiments/plan.py`), `sweep.run_locally`
+Usage: docs/cluster.md. `sweep.plan` makes the list (`experiments/plan.py`), `sweep.run_locally`
 and `pool.run_in_pool` run it on this machine, and `run_on_ray` runs the same list as Ray
 tasks:
 

@@ -3,7 +3,7 @@
     python -m MoMKE.sweep --dataset CMUMOSI --test-condition a,t,v,at,av,tv,atv \
         --missing-rate 0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7 --seeds 66,67,68 [MoMKE.train flags]
 
-From: SPEC §7. The sweep plans a list of runs (one per seed and condition or rate), skips those
+The sweep plans a list of runs (one per seed and condition or rate), skips those
 whose run folder holds a complete result, and runs the rest; a run interrupted half-way has no
 `result.json` and is trained again from its start. Runs that share a stage 1 (every fixed
 condition of a seed; each rate of a seed) are planned next to each other, so the first trains it

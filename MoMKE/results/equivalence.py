@@ -1,6 +1,6 @@
 """Is a difference between two ways of computing a result within a stated margin? Seeds decide.
 
-From: issue 19 (arithmetics) and issue 21 (the official code against this one). The unit of
+Applied in docs/precision-and-speed.md and docs/differences.md. The unit of
 evidence is the seed: training noise (initialisation, data order, dropout, masks) is what makes two
 runs differ, so it is what a difference must be weighed against. The bootstrap over test
 conversations measures the test set instead and is the wrong unit here.

@@ -3,7 +3,7 @@
     python -m MoMKE.report saved/            # every complete run below saved/
     python -m MoMKE.report saved/CMUMOSI --out reports/
 
-From: SPEC §6-7. Runs are found by their `result.json` (never by folder names) and grouped by
+Runs are found by their `result.json` (never by folder names) and grouped by
 dataset, data source and hyperparameters. Each group gets a Markdown and a CSV file: MoMKE's rows
 (the seven fixed conditions and the missing rates, each with averages; columns: the dataset's
 metrics under each epoch-selection rule; seeds as mean ± std) with the published numbers and our

@@ -1,6 +1,6 @@
 """Bootstrap confidence intervals and paired bootstrap comparisons of the test metrics.
 
-From: SPEC §6 and the issue "Results with their uncertainty". Metrics are those of MoMKE/metrics.py,
+How the report uses them: docs/selection.md. Metrics are those of MoMKE/metrics.py,
 plus mae_nonzero and corr_nonzero (MAE and Pearson on non-zero labels only, the official code's
 definition); accuracy-like metrics stay fractions.
 
