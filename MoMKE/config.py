@@ -2,9 +2,10 @@
 
 docs/flags.md lists them. Every field is a `--kebab-case` flag with help text and may also be a key
 of `--config FILE.yaml` (kebab- or snake-case); flags override the file. Unknown keys and wrong types
-stop with a sentence naming the key. Fields left unset that the paper fixes per dataset (batch size,
-epochs, stage-1 epochs) take the paper's value for the chosen dataset, and the resolved value is
-printed and saved, so nothing is overridden silently.
+stop with a sentence naming the key. Fields left unset that the paper fixes (`PAPER_FIELDS`: batch
+size, epochs, learning rate, sizes, dropout, ...) take the paper's value for the chosen dataset from
+its record in the dataset table, and the resolved value is printed and saved, so nothing is
+overridden silently.
 """
 from __future__ import annotations
 
@@ -209,12 +210,10 @@ class TrainConfig:
         return out
 
     def _check(self) -> None:
-        if self.threads < 0:
-            raise ConfigError(f"--threads {self.threads} must be 0 (torch's default) or a "
-                              f"positive number of threads.")
-        if self.chunk_utterances < 0:
-            raise ConfigError(f"--chunk-utterances {self.chunk_utterances} must be 0 (the whole "
-                              f"batch at once) or a positive number of utterances.")
+        for flag, value, zero in (("threads", self.threads, "torch's default"),
+                                  ("chunk-utterances", self.chunk_utterances, "the whole batch")):
+            if value < 0:
+                raise ConfigError(f"--{flag} {value} must be 0 ({zero}) or a positive number.")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "hidden": self.hidden,
                     "depth": self.depth, "num_heads": self.num_heads}
         for name, value in positive.items():
@@ -373,12 +372,8 @@ def config_to_yaml(config: TrainConfig) -> str:
 
 
 # ----------------------------------------------------------------------------- ablations and variants
-# The ablations that explain MoMKE, each one value of `--ablation` that changes one thing:
-#     no-stage1       the mixture trained from scratch: stage 1 skipped, stage 2 as long as usual
-#     uniform-router  every modality mixes the experts with equal weights; no router is learnt
-#     self-experts    each modality uses only its own expert: no knowledge from the other experts
-#     frozen-experts  the experts keep their stage-1 weights during stage 2; the rest learns
-# All but no-stage1 train stage 1 as MoMKE does (the same parameters are created in the same order),
+# The ablations that explain MoMKE, each one value of `--ablation` that changes one thing (its
+# help text says what). All but no-stage1 train stage 1 as MoMKE does (the same parameters are created in the same order),
 # so they reuse MoMKE's stage 1; with --select-from all each stage-1 epoch also runs the fused head,
 # which uniform-router and self-experts change, so there they train their own
 # (`_ablation_in_stage1`). The unified model (`--train-missing any`) is not an ablation but a
